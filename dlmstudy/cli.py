@@ -1,0 +1,121 @@
+"""The `dlmstudy` command: parses arguments and calls into the packages, nothing more.
+
+Errors in user input print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from dlmstudy.errors import UserError
+
+DEFAULT_SPEC = "studies/smoke.yaml"
+
+
+def default_spec() -> str:
+    """studies/smoke.yaml in the working directory, else the copy shipped inside the package."""
+    if Path(DEFAULT_SPEC).exists():
+        return DEFAULT_SPEC
+    return str(resources.files("dlmstudy") / "studies" / "smoke.yaml")
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from dlmstudy.reports.render import build_report
+    from dlmstudy.runners.queue import run_queue
+    from dlmstudy.study.spec import load_spec
+
+    spec = load_spec(a.spec or default_spec())
+    run_queue(spec, only=a.only, device=a.device)
+    out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
+    print(f"report: {out} (and report.html beside it)")
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    from dlmstudy.runners.study import prepare_data, resolve_runs
+    from dlmstudy.study.plan import short_count
+    from dlmstudy.study.spec import load_spec
+
+    spec = load_spec(a.spec or default_spec())
+    data = prepare_data(spec, progress=lambda m: None)
+    runs = resolve_runs(spec, data)
+    rows = [{"run_id": r.run_id, "arm": r.arm.name, "params_total": r.params.total,
+             "params_non_embedding": r.params.non_embedding, "unique_tokens": r.unique_tokens,
+             "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens} for r in runs]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    ne = [r.params.non_embedding for r in runs]
+    print(f"study {spec.name}: {len(runs)} runs; non-embedding parameters {min(ne):,} to {max(ne):,} "
+          f"(deviation {max(ne) / min(ne) - 1:.2%}, tolerance {spec.model.match_tolerance:.0%})")
+    print(f"{'run':<40} {'arm':<12} {'params':>10} {'non-emb':>10} {'unique':>9} {'epochs':>7} {'total':>9}")
+    for r in rows:
+        print(f"{r['run_id']:<40} {r['arm']:<12} {short_count(r['params_total']):>10} "
+              f"{short_count(r['params_non_embedding']):>10} {short_count(r['unique_tokens']):>9} "
+              f"{r['epochs']:>7g} {short_count(r['total_tokens']):>9}")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from dlmstudy.reports.render import build_report
+
+    folder = Path(a.runs_dir)
+    if not (folder / "study.json").exists():
+        raise UserError(f"{folder}: not a study folder (no study.json); give runs/<study>")
+    out = build_report(folder, Path(a.out) if a.out else Path("reports") / folder.name)
+    print(f"report: {out}")
+
+
+def cmd_params(a: argparse.Namespace) -> None:
+    from dlmstudy.models.params import describe_config, format_counts
+
+    counts = describe_config(a.config)
+    print(json.dumps(counts.as_dict(), indent=2) if a.json else format_counts(counts))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
+                                "and autoregressive (Qwen2) language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="train and evaluate every run of a study, then write its report")
+    s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
+    s.add_argument("--only", action="append", help="select runs: arm=NAME, unique_tokens=N, epochs=R, run_id=PREFIX")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override the spec's device")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="print the expanded run matrix without training")
+    s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
+    s.add_argument("--json", action="store_true", help="print JSON rows")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("report", help="rebuild a study's report from its run folders (never retrains)")
+    s.add_argument("runs_dir", help="runs/<study>")
+    s.add_argument("--out", help="output folder (default reports/<study>)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("params", help="parameter counts of a LLaDA or Qwen2 config.json, without weights")
+    s.add_argument("config", help="config.json")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_params)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"dlmstudy: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Training and evaluating one run, resumably; `result.json` is written last and atomically.
+
+A run folder holds run.json (the resolved config), checkpoints/ (Trainer checkpoints, each marked
+complete only once fully written), scalars.jsonl (every logged scalar), swanlog/ (SwanLab offline
+logs), checkpoint/ (the final model), eval/ (probe answers) and result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from dlmstudy.data.biographies import QAItem
+from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
+from dlmstudy.evaluation.qa import DecodeSettings, accuracy_by_direction, answer_questions
+from dlmstudy.evaluation.validation import LOSS_KIND, validation_loss
+from dlmstudy.models.backbones import build_config, build_model
+from dlmstudy.models.checkpoints import save_checkpoint
+from dlmstudy.runners.device import supports_bf16
+from dlmstudy.runners.study import Run, StudyData
+from dlmstudy.study.spec import StudySpec
+from dlmstudy.training.objectives import build_objective
+from dlmstudy.training.tracking import ScalarMirror, finish_swanlab, read_scalars, start_swanlab
+from dlmstudy.training.trainer import CompleteMarker, DLMTrainer, last_complete_checkpoint
+
+RESULT_FILE = "result.json"
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary file and rename it into place (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM/SIGINT: save a checkpoint at the end of the current step and stop training."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the run resumes next time."""
+
+
+def default_arguments(run: Run, n_samples: int, device: str) -> dict:
+    """TrainingArguments defaults for a run; the spec's `training:` keys override them."""
+    args = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+            "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "weight_decay": 0.0,
+            "max_grad_norm": 1.0, "save_total_limit": 2}
+    args.update(run.config["training"])
+    steps = math.ceil(n_samples / args["per_device_train_batch_size"] / args["gradient_accumulation_steps"])
+    steps = args.get("max_steps", -1) if args.get("max_steps", -1) > 0 else steps
+    args.setdefault("logging_steps", max(1, steps // 50))
+    every = run.config["objective_settings"]["eval_every"] or max(1, steps // 8)
+    args.setdefault("eval_steps", every)
+    args.setdefault("save_steps", max(1, steps // 4))
+    args.update(eval_strategy="steps", save_strategy="steps", report_to="none", seed=run.config["seed"],
+                remove_unused_columns=False, dataloader_num_workers=0, num_train_epochs=1,
+                use_cpu=device == "cpu", disable_tqdm=False)
+    if device != "cpu" and "bf16" not in run.config["training"]:
+        args["bf16"] = supports_bf16(device)
+    return args
+
+
+def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=print):
+    """Train (or resume) a run and return (model, training metrics)."""
+    L = run.config["max_length"]
+    chunks = prefix_chunks(data.train, run.unique_tokens, L)
+    order = epoch_order(len(chunks), run.epochs, seed=spec.data.seed)
+    train_set = PackedDataset(chunks, order)
+    val_ids = torch.from_numpy(data.validation.astype("int64"))
+    val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
+
+    model_config = build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal)
+    model = build_model(model_config, seed=spec.seed)
+    ts = spec.training
+    objective = build_objective(run.arm.objective, seed=spec.seed, **(
+        {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
+        if run.arm.objective == "mdm" else {}))
+    args = TrainingArguments(output_dir=str(run.dir / "checkpoints"), **default_arguments(run, len(train_set), device))
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * L
+    ev = spec.evaluation
+    n_val = min(len(val_ids), ts.eval_batches * args.per_device_train_batch_size)
+
+    def during_training(m):
+        return validation_loss(m, run.arm.objective, val_ids[:n_val], mask_id=data.tokens.mask_token_id,
+                               mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
+
+    tracker = None
+    if spec.tracking.report_to == "swanlab":
+        tracker = start_swanlab(project=spec.tracking.project, name=run.run_id, mode=spec.tracking.mode,
+                                logdir=run.dir / "swanlog", config=run.config)
+    stopper = StopOnSignal()
+    trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                         objective=objective, tokens_per_step=tokens_per_step, validation_fn=during_training,
+                         callbacks=[ScalarMirror(run.dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
+    stopper.install()
+    resume = last_complete_checkpoint(run.dir / "checkpoints")
+    if resume:
+        progress(f"{run.run_id}: resuming from {resume.name}")
+    start_step = int(resume.name.split("-")[-1]) if resume else 0
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        finish_swanlab(tracker)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if stopper.requested:
+        raise Interrupted(f"{run.run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
+    trained = (trainer.state.global_step - start_step) * tokens_per_step
+    runtime = out.metrics.get("train_runtime", float("nan"))
+    return trainer.model, {"train_runtime_s": runtime, "train_tokens_per_s": trained / runtime if runtime else None,
+                           "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
+
+
+def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]) -> dict:
+    """Final validation loss on every validation sequence and QA accuracy per direction."""
+    ev = spec.evaluation
+    model.eval()
+    val = validation_loss(model, run.arm.objective, torch.from_numpy(data.validation.astype("int64")),
+                          mask_id=data.tokens.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
+    rows = answer_questions(model, data.tokenizer, probes, sampler=run.arm.sampler,
+                            settings=DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size)) if probes else []
+    (run.dir / "eval").mkdir(exist_ok=True)
+    with (run.dir / "eval" / "qa_samples.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    acc = accuracy_by_direction(rows)
+    return {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
+            "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
+
+
+def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem], progress=print) -> dict:
+    """Train, evaluate and record one run; the final checkpoint replaces the intermediate ones."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.dir / "run.json", {"run_id": run.run_id, **run.config})
+    started = time.time()
+    model, train_metrics = train_run(run, spec, data, device, progress)
+    final = run.dir / "checkpoint"
+    tmp = run.dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, data.tokenizer, run.arm)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    metrics = evaluate_run(model, run, spec, data, probes)
+    scalars = read_scalars(run.dir)
+    val_curve = [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
+    result = {"run_id": run.run_id, "arm": run.arm.name, "backbone": run.arm.backbone,
+              "objective": run.arm.objective, "sampler": run.arm.sampler,
+              "params_total": run.params.total, "params_non_embedding": run.params.non_embedding,
+              "params_embedding": run.params.embedding, "params_output_head": run.params.output_head,
+              "unique_tokens": run.unique_tokens, "unique_people": run.config["unique_people"],
+              "epochs": run.epochs, "tokens": run.total_tokens, "val_loss_kind": LOSS_KIND[run.arm.objective],
+              "best_val_loss": min(val_curve), **metrics, **train_metrics,
+              "wall_time_s": time.time() - started, "device": device}
+    write_json_atomic(run.dir / RESULT_FILE, result)
+    shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
+    return result

@@ -1,0 +1,180 @@
+"""Preparing a study's shared data and resolving its runs (ids, unique tokens, parameter counts).
+
+Data preparation is shared by every run of a study and cached under `runs/<study>/_cache/`, so a
+second invocation (or `dlmstudy plan`) reuses the tokenizer and token streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from dlmstudy.data.biographies import QAItem
+from dlmstudy.data.corpus import Corpus, load_corpus
+from dlmstudy.data.packing import TokenStream, cached_stream, prefix_chunks
+from dlmstudy.data.tokenizer import get_tokenizer, special_tokens
+from dlmstudy.errors import UserError
+from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
+from dlmstudy.models.params import ParamCounts, count_config
+from dlmstudy.models.registry import Arm, get_arm
+from dlmstudy.study.plan import DataSetting, data_settings, run_id
+from dlmstudy.study.spec import StudySpec
+
+
+@dataclass
+class StudyData:
+    """Everything the runs of one study share: tokenizer, corpus, token streams, validation chunks."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokens: SpecialTokens
+    corpus: Corpus
+    train: TokenStream
+    validation: np.ndarray
+    fingerprint: str
+
+
+@dataclass
+class Run:
+    """One arm trained on one data setting: its id, folder and fully resolved config."""
+
+    run_id: str
+    arm: Arm
+    size: ModelSize
+    unique_tokens: int
+    epochs: float
+    params: ParamCounts
+    config: dict
+    dir: Path
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.config["total_tokens"])
+
+
+def study_dir(spec: StudySpec) -> Path:
+    return Path(spec.runs_dir) / spec.name
+
+
+def prepare_data(spec: StudySpec, *, progress=print) -> StudyData:
+    """Load the corpus, train or load the tokenizer, tokenize (cached) and cut validation chunks."""
+    cache = study_dir(spec) / "_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    src = spec.data.pretrain
+    progress(f"data: {src.source}")
+    corpus = load_corpus(src.source, text_field=src.text_field, people=src.people,
+                         per_person=src.biographies_per_person, qa_fraction=src.qa_fraction,
+                         validation_chars=8 * spec.data.validation_tokens, seed=spec.data.seed)
+    tok = get_tokenizer(spec.tokenizer.kind, texts=corpus.train_docs, vocab_size=spec.tokenizer.vocab_size,
+                        path=spec.tokenizer.path, cache_dir=cache)
+    train = cached_stream(corpus.train_docs, tok, cache, name="train", insert_eos=spec.data.insert_eos)
+    val = cached_stream(corpus.validation_docs, tok, cache, name="validation", insert_eos=spec.data.insert_eos)
+    L = spec.data.max_length
+    n_val = min(len(val) // L, max(1, spec.data.validation_tokens // L))
+    if n_val == 0:
+        raise UserError(f"the validation text holds no full sequence of max_length {L}")
+    validation = np.asarray(val.tokens[: n_val * L]).reshape(n_val, L)
+    fingerprint = f"{len(tok)}:{len(train)}:{int(np.asarray(train.tokens[:4096], dtype=np.int64).sum())}"
+    progress(f"data: {len(corpus.train_docs):,} training documents, {len(train):,} tokens; "
+             f"validation {n_val * L:,} tokens; vocabulary {len(tok):,}")
+    return StudyData(tok, special_tokens(tok), corpus, train, validation, fingerprint)
+
+
+def unique_tokens_of(setting: DataSetting, data: StudyData, max_length: int) -> int:
+    """Unique tokens of a data setting, rounded down to whole sequences (people: their documents' tokens)."""
+    if setting.unit == "tokens":
+        u = setting.unique
+    else:
+        groups = data.corpus.groups
+        if groups is None:
+            raise UserError("grid.unique_people needs the built-in biographies; use grid.unique_tokens for a corpus")
+        if setting.unique > groups[-1] + 1:
+            raise UserError(f"grid.unique_people {setting.unique} exceeds data.pretrain.people ({groups[-1] + 1})")
+        last_doc = max(i for i, g in enumerate(groups) if g < setting.unique)
+        u = int(data.train.doc_ends[last_doc])
+    if u > len(data.train):
+        raise UserError(f"unique tokens {u:,} exceed the corpus ({len(data.train):,} training tokens)")
+    return (u // max_length) * max_length
+
+
+def arm_size(spec: StudySpec, arm: Arm) -> ModelSize:
+    """The spec's model size with the arm's overrides (e.g. dropout for a regularised control)."""
+    fields = {f.name for f in dataclasses.fields(ModelSize)}
+    base = spec.model.model_dump(include=fields)
+    base.update({k: v for k, v in arm.overrides.items() if k in fields})
+    return ModelSize(**base)
+
+
+def training_arguments(spec: StudySpec, arm: Arm) -> dict:
+    """The spec's TrainingArguments with the arm's training overrides (e.g. weight decay)."""
+    fields = {f.name for f in dataclasses.fields(ModelSize)}
+    args = dict(spec.training.arguments)
+    args.update({k: v for k, v in arm.overrides.items() if k not in fields})
+    return args
+
+
+def check_matched(counts: dict[str, ParamCounts], tolerance: float) -> None:
+    """Arms must have non-embedding parameter counts within `tolerance` of each other."""
+    lo = min(counts.items(), key=lambda kv: kv[1].non_embedding)
+    hi = max(counts.items(), key=lambda kv: kv[1].non_embedding)
+    if hi[1].non_embedding > (1 + tolerance) * lo[1].non_embedding:
+        raise UserError(f"arms are not matched: {hi[0]} has {hi[1].non_embedding:,} and {lo[0]} has "
+                        f"{lo[1].non_embedding:,} non-embedding parameters (tolerance {tolerance:.1%})")
+
+
+def resolve_runs(spec: StudySpec, data: StudyData) -> list[Run]:
+    """Every run of the study, in order: data settings outer, arms inner (so pairs finish together)."""
+    arms = [get_arm(a) for a in spec.arms]
+    sizes = {a.name: arm_size(spec, a) for a in arms}
+    configs = {a.name: build_config(a.backbone, sizes[a.name], data.tokens, causal=a.causal) for a in arms}
+    counts = {a.name: count_config(configs[a.name]) for a in arms}
+    check_matched(counts, spec.model.match_tolerance)
+    L = spec.data.max_length
+    runs = []
+    for setting in data_settings(spec.grid):
+        u = unique_tokens_of(setting, data, L)
+        epochs = setting.epochs_for(u)
+        for arm in arms:
+            config = {
+                "study": spec.name, "arm": arm.name, "backbone": arm.backbone, "objective": arm.objective,
+                "sampler": arm.sampler, "seed": spec.seed, "size": dataclasses.asdict(sizes[arm.name]),
+                "tokens": dataclasses.asdict(data.tokens), "data_fingerprint": data.fingerprint,
+                "unique_tokens": u, "unique_people": setting.unique if setting.unit == "people" else None,
+                "epochs": round(epochs, 6), "total_tokens": round(epochs * (u // L)) * L, "max_length": L,
+                "data_seed": spec.data.seed, "training": training_arguments(spec, arm),
+                "objective_settings": spec.training.model_dump(exclude={"arguments"}),
+                "evaluation": spec.evaluation.model_dump(), "device": spec.device,
+                "params": counts[arm.name].as_dict(),
+            }
+            rid = run_id(config)
+            runs.append(Run(rid, arm, sizes[arm.name], u, epochs, counts[arm.name], config, study_dir(spec) / rid))
+    return runs
+
+
+def probe_items(spec: StudySpec, data: StudyData, runs: list[Run]) -> list[QAItem]:
+    """QA probes shared by every run: held-out-QA people inside the smallest training prefix."""
+    if not data.corpus.probes or spec.evaluation.qa_people == 0:
+        return []
+    smallest = min(r.unique_tokens for r in runs)
+    ends = data.train.doc_ends
+    groups = data.corpus.groups
+    inside = {g for g, end in zip(groups, ends) if end <= smallest}
+    complete = {g for g in inside if all(end <= smallest for gg, end in zip(groups, ends) if gg == g)}
+    people = sorted(p for p in data.corpus.probes if p in complete)[: spec.evaluation.qa_people]
+    return [item for p in people for item in data.corpus.probes[p]]
+
+
+def write_study_index(spec: StudySpec, runs: list[Run]) -> None:
+    """`runs/<study>/study.json`: the planned runs, so a report can list the ones still missing."""
+    path = study_dir(spec) / "study.json"
+    index = {"name": spec.name, "spec": spec.model_dump(), "runs": [
+        {"run_id": r.run_id, "arm": r.arm.name, "unique_tokens": r.unique_tokens, "epochs": r.epochs,
+         "total_tokens": r.total_tokens, "params_total": r.params.total,
+         "params_non_embedding": r.params.non_embedding} for r in runs]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(index, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,213 @@
+"""The study spec: one YAML file, validated strictly (unknown keys are errors naming key and file).
+
+`training:` is passed to `transformers.TrainingArguments` where the name exists there; the few
+keys that are ours (sequence length, LLaDA's random-length ratio, ...) live in `TrainingSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dlmstudy.errors import UserError
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrackingSpec(Strict):
+    """Where metrics go. SwanLab runs offline unless `mode: online` (and the user has logged in)."""
+
+    report_to: Literal["swanlab", "none"] = "swanlab"
+    project: str = "dlmstudy"
+    mode: Literal["offline", "online", "local", "disabled"] = "offline"
+
+
+class TokenizerSpec(Strict):
+    """A byte-level BPE trained on the study's pretraining text (`bpe`), or a local HF tokenizer folder."""
+
+    kind: Literal["bpe", "pretrained"] = "bpe"
+    vocab_size: int = Field(1024, ge=300)
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> "TokenizerSpec":
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("tokenizer.kind 'pretrained' needs tokenizer.path (a local tokenizer folder)")
+        return self
+
+
+class SourceSpec(Strict):
+    """A corpus: `builtin:biographies` (generated, no files) or a local path (jsonl/json/parquet/txt/...)."""
+
+    source: str = "builtin:biographies"
+    text_field: str = "text"
+    people: int = Field(2000, ge=10, description="builtin: people generated (the pool all prefixes draw from)")
+    biographies_per_person: int = Field(1, ge=1)
+    qa_fraction: float = Field(0.5, ge=0.0, le=1.0, description="builtin: share of people whose QA pairs are in pretraining")
+
+
+class DataSpec(Strict):
+    """Pretraining corpus, held-out validation size and sequence packing."""
+
+    pretrain: SourceSpec = SourceSpec()
+    validation_tokens: int = Field(16384, ge=1)
+    max_length: int = Field(128, ge=8)
+    drop_tail: bool = True
+    insert_eos: bool = True
+    seed: int = 0
+
+
+class ModelSpec(Strict):
+    """Size settings shared by every arm (or a parameter target solved per arm by `grid.params`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    dropout: float = 0.0
+    match_tolerance: float = Field(0.02, ge=0.0, description="largest relative non-embedding difference between arms")
+
+
+class GridSpec(Strict):
+    """The data settings: unique tokens (or people, for the built-in data) x epochs."""
+
+    unique_tokens: list[int] | None = None
+    unique_people: list[int] | None = None
+    epochs: list[float] | None = None
+    total_tokens: int | None = Field(None, description="fix total tokens and derive epochs = total / unique")
+    pairing: Literal["zip", "product"] = "product"
+
+    @model_validator(mode="after")
+    def _check(self) -> "GridSpec":
+        if (self.unique_tokens is None) == (self.unique_people is None):
+            raise ValueError("grid needs exactly one of unique_tokens or unique_people")
+        if (self.epochs is None) == (self.total_tokens is None):
+            raise ValueError("grid needs exactly one of epochs or total_tokens")
+        sizes = self.unique_tokens or self.unique_people or []
+        if self.pairing == "zip" and self.epochs is not None and len(self.epochs) != len(sizes):
+            raise ValueError(f"grid.pairing zip needs as many epochs ({len(self.epochs)}) as unique sizes ({len(sizes)})")
+        return self
+
+
+class TrainingSpec(Strict):
+    """Our own training keys; everything else in `training:` goes to TrainingArguments."""
+
+    random_length_ratio: float = Field(0.01, ge=0.0, le=1.0, description="LLaDA: share of batches cut to a random length")
+    mask_eps: float = Field(1e-3, gt=0.0, lt=1.0)
+    eval_every: int = Field(0, ge=0, description="validation loss every N optimizer steps (0: ~8 times per run)")
+    eval_batches: int = Field(4, ge=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationSpec(Strict):
+    """Final evaluation of every run: validation loss (MC samples for diffusion) and QA probes."""
+
+    mc_num: int = Field(32, ge=1, description="stratified Monte-Carlo samples for the diffusion ELBO")
+    qa_people: int = Field(40, ge=0, description="people probed with forward and reverse questions")
+    steps: int = Field(16, ge=1)
+    gen_length: int = Field(16, ge=1)
+    block_length: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class StudySpec(Strict):
+    """A whole study: every arm trained on the same tokens with the same budget, evaluated the same way."""
+
+    name: str
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+    tracking: TrackingSpec = TrackingSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    data: DataSpec = DataSpec()
+    arms: list[str] = Field(default_factory=lambda: ["llada", "qwen"], min_length=1)
+    model: ModelSpec = ModelSpec()
+    grid: GridSpec
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("name must be non-empty with no spaces or slashes")
+        return v
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+# Names older transformers (and the tutorial's configs) use, mapped onto today's TrainingArguments.
+TRAINING_ALIASES = {"warmup_ratio": "warmup_steps"}  # transformers 5: a float warmup_steps < 1 is a ratio
+
+
+def _split_training(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Move TrainingArguments names under `training.arguments`; anything unknown is an error."""
+    ours = set(TrainingSpec.model_fields) - {"arguments"}
+    hf = _training_argument_names()
+    out: dict[str, Any] = {"arguments": dict(raw.pop("arguments", {}) or {})}
+    for key, value in raw.items():
+        key = TRAINING_ALIASES.get(key, key)
+        if key in ours:
+            out[key] = value
+        elif key in hf:
+            out["arguments"][key] = value
+        else:
+            raise UserError(f"{path}: unknown key 'training.{key}' (not a dlmstudy or transformers.TrainingArguments setting)")
+    return out
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{loc}'"
+    if first["type"] == "missing":
+        return f"{path}: missing key '{loc}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{path}: {loc + ': ' if loc else ''}{msg} (got {first.get('input')!r})" if loc else f"{path}: {msg}"
+
+
+def parse_spec(raw: dict[str, Any], path: str | Path = "<spec>") -> StudySpec:
+    """Validate a spec dictionary; errors are one-line UserErrors naming the key and the file."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a study spec must be a YAML mapping")
+    raw = dict(raw)
+    if isinstance(raw.get("training"), dict):
+        raw["training"] = _split_training(dict(raw["training"]), path)
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(err, path)) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML") from None
+    return parse_spec(raw, path)

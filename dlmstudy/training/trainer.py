@@ -1,0 +1,98 @@
+"""The one trainer every arm shares: `transformers.Trainer` with the objective plugged in.
+
+What differs between arms is only the objective (and the attention direction in the model's
+config). Batches come in the run's fixed order (no shuffling here: the order was drawn once per
+(data seed, U, R) so both arms see the same batches), and validation loss is the exact NLL for AR
+arms and the ELBO upper bound for diffusion arms.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainerCallback
+
+COMPLETE_MARK = "COMPLETE"
+
+
+class DLMTrainer(Trainer):
+    """Trainer whose loss is `objective(model, batch)`; logs tokens seen, tokens/s and objective metrics."""
+
+    loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: let the Trainer divide by accumulation
+
+    def __init__(self, *args, objective: Callable, tokens_per_step: int,
+                 validation_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.tokens_per_step = tokens_per_step
+        self.validation_fn = validation_fn
+        self._metric_sums: dict[str, float] = {}
+        self._metric_count = 0
+        self._last_log = (None, 0)
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.objective(model, inputs)
+        if model.training:
+            for k, v in metrics.items():
+                self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
+            self._metric_count += 1
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        step = self.state.global_step
+        logs = dict(logs)
+        logs["tokens_seen"] = step * self.tokens_per_step
+        if "loss" in logs:
+            now = time.perf_counter()
+            last_time, last_step = self._last_log
+            if last_time is not None and step > last_step:
+                logs["tokens_per_s"] = (step - last_step) * self.tokens_per_step / (now - last_time)
+            self._last_log = (now, step)
+            for k, v in self._metric_sums.items():
+                logs[k] = v / max(self._metric_count, 1)
+            self._metric_sums, self._metric_count = {}, 0
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Validation loss through `validation_fn` (exact NLL for AR, ELBO bound for diffusion)."""
+        if self.validation_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.validation_fn(self.model)
+        if was_training:
+            self.model.train()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
+
+class CompleteMarker(TrainerCallback):
+    """Marks a checkpoint folder complete once the Trainer has written all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARK).touch()
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint with a completion mark; unmarked (partial) checkpoints are removed."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / COMPLETE_MARK).exists()]
+    for p in found:
+        if p not in complete:
+            shutil.rmtree(p, ignore_errors=True)
+    return complete[-1] if complete else None
