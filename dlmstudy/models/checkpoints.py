@@ -72,7 +72,7 @@ def detect_layout(path: str | Path) -> str:
 
 
 def read_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a model folder, onto `device`: (sharded) safetensors, else (sharded) pytorch_model.bin read weights-only."""
+    """All tensors of a model folder onto `device`: (sharded) safetensors, else pytorch_model.bin read weights-only."""
     path = Path(path)
     for index_name, single, load in (
         ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(f, device=device)),
@@ -95,8 +95,9 @@ def read_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch
     raise UserError(f"{path}: no weights (model.safetensors, its index, or pytorch_model.bin)")
 
 
-def load_llada_original(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A LLaDA folder (original config keys and tensor names) as our bidirectional Llama model, weights read onto `device`."""
+def load_llada_original(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                        ) -> PreTrainedModel:
+    """A LLaDA folder (original config keys and tensor names) as our bidirectional Llama model on `device`."""
     path = Path(path)
     config = llada_config_from_json(path / "config.json")
     state = llada_state_dict_to_hf(read_state_dict(path, device=device))
