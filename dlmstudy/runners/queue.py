@@ -85,7 +85,9 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
             progress(f"{tag}: training on {device} ({run.total_tokens:,} tokens, {run.epochs:g} epochs "
                      f"of {run.unique_tokens:,} unique)")
             result = execute_run(run, spec, data, device, probes, progress)
-            progress(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}, "
-                     f"accuracy forward {result['accuracy_forward']:.2f} reverse {result['accuracy_reverse']:.2f}")
+            acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
+                           if result[f"accuracy_{d}"] is not None)
+            progress(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}"
+                     + (f", accuracy {acc}" if acc else ""))
             results.append(result)
     return results

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
@@ -27,7 +28,7 @@ from dlmstudy.runners.device import supports_bf16
 from dlmstudy.runners.study import Run, StudyData
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.objectives import build_objective
-from dlmstudy.training.tracking import ScalarMirror, finish_swanlab, read_scalars, start_swanlab
+from dlmstudy.training.tracking import QuietProgress, ScalarMirror, finish_swanlab, read_scalars, start_swanlab
 from dlmstudy.training.trainer import CompleteMarker, DLMTrainer, last_complete_checkpoint
 
 RESULT_FILE = "result.json"
@@ -115,6 +116,8 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          objective=objective, tokens_per_step=tokens_per_step, validation_fn=during_training,
                          callbacks=[ScalarMirror(run.dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
     stopper.install()
     resume = last_complete_checkpoint(run.dir / "checkpoints")
     if resume:
@@ -145,7 +148,7 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
     (run.dir / "eval").mkdir(exist_ok=True)
     with (run.dir / "eval" / "qa_samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    acc = accuracy_by_direction(rows)
+    acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
     return {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
             "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
 

@@ -20,6 +20,7 @@ from dlmstudy.data.packing import TokenStream, cached_stream, prefix_chunks
 from dlmstudy.data.tokenizer import get_tokenizer, special_tokens
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
+from dlmstudy.models.matching import check_match, match_arms, split_overrides
 from dlmstudy.models.params import ParamCounts, count_config
 from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.study.plan import DataSetting, data_settings, run_id
@@ -101,39 +102,39 @@ def unique_tokens_of(setting: DataSetting, data: StudyData, max_length: int) -> 
     return (u // max_length) * max_length
 
 
-def arm_size(spec: StudySpec, arm: Arm) -> ModelSize:
-    """The spec's model size with the arm's overrides (e.g. dropout for a regularised control)."""
+def arm_sizes(spec: StudySpec, arms: list[Arm], tokens: SpecialTokens, target: int | None) -> dict[str, ModelSize]:
+    """Each arm's size: the spec's `model:` (or the shape solved for a parameter target) plus the arm's overrides."""
+    if target is not None:
+        base = ModelSize(**spec.model.model_dump(include={f.name for f in dataclasses.fields(ModelSize)}))
+        matched = match_arms(arms, target, vocab_size=tokens.vocab_size, kind=spec.grid.params_kind, base=base,
+                             tolerance=spec.model.match_tolerance)
+        return {name: m.size for name, m in matched.items()}
     fields = {f.name for f in dataclasses.fields(ModelSize)}
     base = spec.model.model_dump(include=fields)
-    base.update({k: v for k, v in arm.overrides.items() if k in fields})
-    return ModelSize(**base)
+    return {a.name: ModelSize(**{**base, **split_overrides(a)[0]}) for a in arms}
 
 
 def training_arguments(spec: StudySpec, arm: Arm) -> dict:
     """The spec's TrainingArguments with the arm's training overrides (e.g. weight decay)."""
-    fields = {f.name for f in dataclasses.fields(ModelSize)}
-    args = dict(spec.training.arguments)
-    args.update({k: v for k, v in arm.overrides.items() if k not in fields})
-    return args
-
-
-def check_matched(counts: dict[str, ParamCounts], tolerance: float) -> None:
-    """Arms must have non-embedding parameter counts within `tolerance` of each other."""
-    lo = min(counts.items(), key=lambda kv: kv[1].non_embedding)
-    hi = max(counts.items(), key=lambda kv: kv[1].non_embedding)
-    if hi[1].non_embedding > (1 + tolerance) * lo[1].non_embedding:
-        raise UserError(f"arms are not matched: {hi[0]} has {hi[1].non_embedding:,} and {lo[0]} has "
-                        f"{lo[1].non_embedding:,} non-embedding parameters (tolerance {tolerance:.1%})")
+    return {**spec.training.arguments, **split_overrides(arm)[1]}
 
 
 def resolve_runs(spec: StudySpec, data: StudyData) -> list[Run]:
-    """Every run of the study, in order: data settings outer, arms inner (so pairs finish together)."""
+    """Every run of the study, in order: sizes, then data settings, arms innermost (so pairs finish together)."""
     arms = [get_arm(a) for a in spec.arms]
-    sizes = {a.name: arm_size(spec, a) for a in arms}
-    configs = {a.name: build_config(a.backbone, sizes[a.name], data.tokens, causal=a.causal) for a in arms}
-    counts = {a.name: count_config(configs[a.name]) for a in arms}
-    check_matched(counts, spec.model.match_tolerance)
     L = spec.data.max_length
+    runs = []
+    for target in spec.grid.params or [None]:
+        sizes = arm_sizes(spec, arms, data.tokens, target)
+        counts = {a.name: count_config(build_config(a.backbone, sizes[a.name], data.tokens, causal=a.causal))
+                  for a in arms}
+        check_match(counts, spec.model.match_tolerance)
+        runs += _runs_at_size(spec, data, arms, sizes, counts, L, target)
+    return runs
+
+
+def _runs_at_size(spec: StudySpec, data: StudyData, arms: list[Arm], sizes: dict[str, ModelSize],
+                  counts: dict[str, ParamCounts], L: int, target: int | None) -> list[Run]:
     runs = []
     for setting in data_settings(spec.grid):
         u = unique_tokens_of(setting, data, L)
@@ -148,7 +149,7 @@ def resolve_runs(spec: StudySpec, data: StudyData) -> list[Run]:
                 "data_seed": spec.data.seed, "training": training_arguments(spec, arm),
                 "objective_settings": spec.training.model_dump(exclude={"arguments"}),
                 "evaluation": spec.evaluation.model_dump(), "device": spec.device,
-                "params": counts[arm.name].as_dict(),
+                "params": counts[arm.name].as_dict(), "params_target": target,
             }
             rid = run_id(config)
             runs.append(Run(rid, arm, sizes[arm.name], u, epochs, counts[arm.name], config, study_dir(spec) / rid))

@@ -49,5 +49,7 @@ def short_count(n: float) -> str:
 def run_id(config: dict[str, Any]) -> str:
     """A readable label plus a hash of the fully resolved config: same config, same id."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    label = f"{config['arm']}_u{short_count(config['unique_tokens'])}_r{config['epochs']:g}"
+    label = f"{config['arm']}_u{short_count(config['unique_tokens'])}_r{config['epochs']:.3g}"
+    if config.get("params_target"):
+        label += f"_n{short_count(config['params_target'])}"
     return f"{label}_{digest}"

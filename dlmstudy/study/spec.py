@@ -89,6 +89,9 @@ class GridSpec(Strict):
     epochs: list[float] | None = None
     total_tokens: int | None = Field(None, description="fix total tokens and derive epochs = total / unique")
     pairing: Literal["zip", "product"] = "product"
+    params: list[int] | None = Field(None, description="parameter targets solved per arm by the aspect rule "
+                                     "(docs/arms.md); without it every run uses `model:`")
+    params_kind: Literal["non_embedding", "total"] = "non_embedding"
 
     @model_validator(mode="after")
     def _check(self) -> "GridSpec":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 SCALARS_FILE = "scalars.jsonl"
 
@@ -69,3 +70,13 @@ def read_scalars(run_dir: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar, showing the latest loss in the bar instead of printing every log line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss", "tokens_per_s")}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
