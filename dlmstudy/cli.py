@@ -27,10 +27,15 @@ def default_spec() -> str:
 def cmd_run(a: argparse.Namespace) -> None:
     from dlmstudy.reports.render import build_report
     from dlmstudy.runners.queue import run_queue
+    from dlmstudy.runners.run import Interrupted
     from dlmstudy.study.spec import load_spec
 
     spec = load_spec(a.spec or default_spec())
-    run_queue(spec, only=a.only, device=a.device)
+    try:
+        run_queue(spec, only=a.only, device=a.device, max_minutes=a.max_minutes)
+    except Interrupted as stop:
+        print(f"dlmstudy: {stop}", file=sys.stderr)
+        raise SystemExit(143) from None
     out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
     print(f"report: {out} (and report.html beside it)")
 
@@ -76,6 +81,34 @@ def cmd_params(a: argparse.Namespace) -> None:
     print(json.dumps(counts.as_dict(), indent=2) if a.json else format_counts(counts))
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from dlmstudy.runners.bench import format_records, run_bench, write_records
+
+    records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
+                        batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops)
+    print(format_records(records))
+    if a.json:
+        print(f"records: {write_records(records, a.json)}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from dlmstudy.evaluation.harness import run_eval
+    from dlmstudy.runners.device import resolve_device
+
+    results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], include_path=a.include_path,
+                       model_args=a.model_args, output_path=a.output_path, log_samples=a.log_samples,
+                       apply_chat_template=a.apply_chat_template, device=resolve_device(a.device),
+                       limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit)
+    if results is None:
+        return
+    for task, metrics in sorted(results.get("results", {}).items()):
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4g}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    if a.output_path:
+        print(f"results: {a.output_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
                                 "and autoregressive (Qwen2) language models.")
@@ -85,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
     s.add_argument("--only", action="append", help="select runs: arm=NAME, unique_tokens=N, epochs=R, run_id=PREFIX")
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override the spec's device")
+    s.add_argument("--max_minutes", type=float, help="start no new run after this many minutes (chunked work)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="print the expanded run matrix without training")
@@ -97,10 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default reports/<study>)")
     s.set_defaults(func=cmd_report)
 
+    s = sub.add_parser("eval", help="evaluate a checkpoint or finished run with lm_eval, offline")
+    s.add_argument("--checkpoint", help="checkpoint folder or finished run folder (or pretrained= in --model_args)")
+    s.add_argument("--tasks", required=True, help="comma-separated lm_eval task names, e.g. bio_qa_forward,bio_mc")
+    s.add_argument("--include_path", help="folder of local lm_eval task YAMLs (the built-in bio tasks need none)")
+    s.add_argument("--model_args", default="", help="e.g. mc_num=1,max_length=1024,steps=256,block_size=64,cfg=0.0")
+    s.add_argument("--output_path", help="where results.json and samples_<task>.jsonl go")
+    s.add_argument("--log_samples", action="store_true")
+    s.add_argument("--apply_chat_template", action="store_true")
+    s.add_argument("--limit", type=float, help="at most this many items per task (a fraction if < 1)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    s.set_defaults(func=cmd_eval)
+
     s = sub.add_parser("params", help="parameter counts of a LLaDA or Qwen2 config.json, without weights")
     s.add_argument("config", help="config.json")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("bench", help="training and sampling throughput (tokens/s, step time, MFU, memory) of the arms")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    s.add_argument("--arms", nargs="+", default=["llada", "qwen"], help="arms to measure (default llada qwen)")
+    s.add_argument("--config", nargs="+", default=["tiny"], help="tiny, small, seed-100m or a config.json (default tiny)")
+    s.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default 10)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
+    s.add_argument("--batch_size", type=int, help="override the config's training batch")
+    s.add_argument("--seq_len", type=int, help="override the config's training sequence length")
+    s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
+    s.add_argument("--json", help="write the records to this JSON file")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

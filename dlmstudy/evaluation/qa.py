@@ -19,6 +19,7 @@ class DecodeSettings:
     gen_length: int = 16
     block_length: int = 16
     batch_size: int = 32
+    threshold: float | None = None
 
 
 def extract_answer(text: str) -> str:
@@ -43,7 +44,7 @@ def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if sampler == "diffusion":
             opts = dict(steps=settings.steps, gen_length=settings.gen_length, block_length=settings.block_length,
-                        mask_id=model.config.mask_token_id)
+                        mask_id=model.config.mask_token_id, threshold=settings.threshold)
         else:
             opts = dict(max_new_tokens=settings.gen_length, eos_id=tokenizer.eos_token_id)
         with torch.no_grad():

@@ -59,8 +59,16 @@ def select(runs: list[Run], only: list[str] | None) -> list[Run]:
     return kept
 
 
-def run_queue(spec, *, only: list[str] | None = None, device: str | None = None, progress=print) -> list[dict]:
-    """Run every (selected) run of a study that has no result yet; returns the results of all selected runs."""
+def run_queue(spec, *, only: list[str] | None = None, device: str | None = None, max_minutes: float | None = None,
+              progress=print) -> list[dict]:
+    """Run every (selected) run of a study that has no result yet; returns the results of all selected runs.
+
+    With `max_minutes`, no new run starts once that much wall time has passed (for chunked work on a
+    lent machine); send SIGTERM to stop a run mid-way at its next step with a checkpoint.
+    """
+    import time
+
+    started = time.time()
     from dlmstudy.runners.device import resolve_device
     from dlmstudy.runners.run import execute_run
     from dlmstudy.runners.study import prepare_data, probe_items, resolve_runs, write_study_index
@@ -77,6 +85,9 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
         if is_done(run):
             progress(f"{tag}: finished earlier, skipped")
             results.append(read_result(run))
+            continue
+        if max_minutes is not None and time.time() - started > 60 * max_minutes:
+            progress(f"{tag}: not started, the {max_minutes:g}-minute budget is spent; run again to continue")
             continue
         with run_lock(run.dir) as locked:
             if not locked:

@@ -7,6 +7,7 @@ logs), checkpoint/ (the final model), eval/ (probe answers) and result.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -14,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
@@ -137,7 +139,7 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
                            "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
 
 
-def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]) -> dict:
+def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem], device: str) -> dict:
     """Final validation loss on every validation sequence and QA accuracy per direction."""
     ev = spec.evaluation
     model.eval()
@@ -149,8 +151,56 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
     with (run.dir / "eval" / "qa_samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
-    return {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
-            "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
+    metrics = {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
+               "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
+    if probes and run.arm.sampler == "diffusion" and ev.sampler_grid.steps:
+        grid = sampler_grid(model, data.tokenizer, probes, ev)
+        grid.to_csv(run.dir / "eval" / "sampler_grid.csv", index=False)
+    if ev.lm_eval.tasks:
+        metrics["lm_eval"] = lm_eval_run(run, spec, data, probes, device)
+    return metrics
+
+
+def sampler_grid(model, tokenizer, probes: list[QAItem], ev) -> pd.DataFrame:
+    """Accuracy and generated tokens/s of the diffusion sampler for each valid (steps, block_length, threshold)."""
+    rows = []
+    g = ev.sampler_grid
+    for steps, block, threshold in itertools.product(g.steps, g.block_length, g.threshold):
+        blocks, rest = divmod(ev.gen_length, block)
+        if rest or steps % blocks:
+            continue
+        settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold)
+        start = time.perf_counter()
+        answers = answer_questions(model, tokenizer, probes, sampler="diffusion", settings=settings)
+        seconds = time.perf_counter() - start
+        acc = accuracy_by_direction(answers)
+        rows.append({"steps": steps, "block_length": block, "threshold": threshold,
+                     "accuracy": sum(a["correct"] for a in answers) / len(answers),
+                     "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"],
+                     "tokens_per_s": len(answers) * ev.gen_length / seconds})
+    return pd.DataFrame(rows)
+
+
+def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem], device: str) -> dict:
+    """lm_eval on the run's final checkpoint; the built-in bio tasks are written for the probe people."""
+    from dlmstudy.data.biographies import generate_people
+    from dlmstudy.evaluation.harness import run_eval
+    from dlmstudy.evaluation.tasks import write_tasks
+
+    ev = spec.evaluation
+    include = ev.lm_eval.include_path
+    if include is None and any(t.startswith("bio") for t in ev.lm_eval.tasks):
+        names = {q.person for q in probes}
+        people = [p for p in generate_people(spec.data.pretrain.people, seed=spec.data.seed) if p.name in names]
+        include = write_tasks(run.dir.parent / "_cache" / "lm_eval_tasks", people,
+                              ppl_documents=data.corpus.validation_docs[:50], max_gen_toks=ev.gen_length, seed=spec.seed)
+    model_args = ",".join(filter(None, [f"steps={ev.steps},gen_length={ev.gen_length},block_length={ev.block_length},"
+                                        f"mc_num={ev.mc_num},batch_size={ev.batch_size}", ev.lm_eval.model_args]))
+    results = run_eval(run.dir / "checkpoint", ev.lm_eval.tasks, include_path=include, model_args=model_args,
+                       output_path=run.dir / "eval" / "lm_eval", log_samples=True, limit=ev.lm_eval.limit,
+                       device=device)
+    return {task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+            for task, m in (results or {}).get("results", {}).items()}
 
 
 def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem], progress=print) -> dict:
@@ -165,7 +215,7 @@ def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes:
     save_checkpoint(tmp, model, data.tokenizer, run.arm)
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
-    metrics = evaluate_run(model, run, spec, data, probes)
+    metrics = evaluate_run(model, run, spec, data, probes, device)
     scalars = read_scalars(run.dir)
     val_curve = [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
     result = {"run_id": run.run_id, "arm": run.arm.name, "backbone": run.arm.backbone,

@@ -115,6 +115,23 @@ class TrainingSpec(Strict):
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
+class LmEvalSpec(Strict):
+    """lm_eval tasks run on every finished run's checkpoint (the built-in bio_* tasks need no files)."""
+
+    tasks: list[str] = Field(default_factory=list)
+    include_path: str | None = None
+    limit: int | None = Field(None, ge=1)
+    model_args: str = ""
+
+
+class SamplerGridSpec(Strict):
+    """Diffusion sampler settings swept on the QA probes of every diffusion run (accuracy and tokens/s)."""
+
+    steps: list[int] = Field(default_factory=list)
+    block_length: list[int] = Field(default_factory=list)
+    threshold: list[float | None] = Field(default_factory=lambda: [None])
+
+
 class EvaluationSpec(Strict):
     """Final evaluation of every run: validation loss (MC samples for diffusion) and QA probes."""
 
@@ -124,6 +141,8 @@ class EvaluationSpec(Strict):
     gen_length: int = Field(16, ge=1)
     block_length: int = Field(16, ge=1)
     batch_size: int = Field(32, ge=1)
+    lm_eval: LmEvalSpec = LmEvalSpec()
+    sampler_grid: SamplerGridSpec = SamplerGridSpec()
 
 
 class StudySpec(Strict):
