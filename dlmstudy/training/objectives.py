@@ -9,8 +9,10 @@ LLaDA masked diffusion (Nie et al. 2025):
 Autoregressive: next-token cross-entropy; in SFT the prompt's labels are ignored.
 
 A batch is {"input_ids": [B, L], "index": [B]} (pretraining) plus "loss_mask" [B, L] (SFT: the
-answer, including the padded EOS tokens, which LLaDA trains on). The noise of a batch is drawn from
-a generator seeded by (seed, index of its first row), so a resumed run redraws the same masks.
+answer, including the padded EOS tokens, which LLaDA trains on). Each sequence's noise (t and the
+per-token uniforms) is counter-based: a hash of (seed, its index in the run's order, position). So a
+resumed run redraws the same masks, and batch size, gradient accumulation, device count and device
+type do not change them. Only the random-length cut is decided per batch, by its first row's index.
 """
 
 from __future__ import annotations
@@ -18,21 +20,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dlmstudy.errors import UserError
+
 IGNORE = -100
+SFT_NORMS = ("sequence", "token")
+Metrics = dict[str, torch.Tensor]  # detached scalars, averaged by the trainer between logs (no device sync per step)
 
 
-def forward_process(input_ids: torch.Tensor, *, mask_id: int, eps: float, generator: torch.Generator,
+def forward_process(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, mask_id: int, eps: float,
                     maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LLaDA's forward process: returns (noisy ids, masked [B,L] bool, p_mask [B,L])."""
+    """LLaDA's forward process: p = (1 - eps) t + eps per sequence, token i masked iff u_i < p and it is maskable.
+
+    t [B] and u [B, L] are uniforms in [0, 1); returns (noisy ids, masked [B, L] bool, p_mask [B, L]).
+    """
     b, l = input_ids.shape
-    t = torch.rand(b, device=input_ids.device, generator=generator)
-    p_mask = ((1 - eps) * t + eps)[:, None].expand(b, l)
-    masked = torch.rand(b, l, device=input_ids.device, generator=generator) < p_mask
+    p_mask = ((1 - eps) * t.float() + eps)[:, None].expand(b, l)
+    masked = u < p_mask
     if maskable is not None:
-        masked &= maskable.bool()
+        masked = masked & maskable.bool()
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p_mask
 
@@ -65,12 +74,44 @@ def ar_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment: 2^64 / golden ratio
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function: a bijective, well-mixed scramble of 64-bit integers."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def noise_keys(seed: int, stream: int, index: torch.Tensor) -> np.ndarray:
+    """One 64-bit key per index for a (run seed, stream) pair; stream 0 is per-sequence noise, 1 per-batch draws."""
+    head = _mix64(_mix64(np.array([seed], dtype=np.uint64)) + np.uint64(stream))
+    return _mix64(head + index.reshape(-1).cpu().numpy().astype(np.uint64))
+
+
+def uniforms(keys: np.ndarray, n: int) -> torch.Tensor:
+    """[len(keys), n] uniforms in [0, 1) (24-bit, exact in float32): the SplitMix64 stream that starts at each key."""
+    counters = keys[:, None] + GOLDEN * np.arange(1, n + 1, dtype=np.uint64)[None, :]
+    return torch.from_numpy((_mix64(counters) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24))
+
+
+def _index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "index" not in batch:
+        raise ValueError("an MDM batch needs 'index' (each row's position in the run's order) to seed its noise")
+    return batch["index"]
+
+
+def sequence_noise(batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t [B], u [B, L]) on the batch's device; row b is a function of (seed, index_b) only (counter-based)."""
+    input_ids = batch["input_ids"]
+    draws = uniforms(noise_keys(seed, 0, _index(batch)), input_ids.shape[1] + 1).to(input_ids.device)
+    return draws[:, 0], draws[:, 1:]
+
+
 def batch_generator(batch: dict[str, torch.Tensor], seed: int) -> torch.Generator:
-    """A generator seeded by the run seed and the position of the batch's first row in the run's order."""
-    first = int(batch["index"].reshape(-1)[0]) if "index" in batch else 0
-    g = torch.Generator(device=batch["input_ids"].device)
-    g.manual_seed((seed * 1_000_003 + first) % (2**63 - 1))
-    return g
+    """A CPU generator for per-batch draws, seeded by (seed, index of the batch's first row) only."""
+    return torch.Generator().manual_seed(int(noise_keys(seed, 1, _index(batch).reshape(-1)[:1])[0]))
 
 
 @dataclass
@@ -84,23 +125,33 @@ class MDMObjective:
     seed: int = 0
     name: str = "mdm"
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        g = batch_generator(batch, self.seed)
+    def __post_init__(self):
+        if not 0 < self.eps < 1:
+            raise UserError(f"mask eps must be in (0, 1), got {self.eps}")
+        if not 0 <= self.random_length_ratio <= 1:
+            raise UserError(f"random_length_ratio must be in [0, 1], got {self.random_length_ratio}")
+        if self.seed < 0:
+            raise UserError(f"seed must be non-negative, got {self.seed}")
+        if self.sft_norm not in SFT_NORMS:
+            raise UserError(f"unknown SFT loss normalisation {self.sft_norm!r}; use {' or '.join(SFT_NORMS)}")
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids = batch["input_ids"]
         loss_mask = batch.get("loss_mask")
+        t, u = sequence_noise(batch, self.seed)
         if loss_mask is None and self.random_length_ratio > 0:
-            if torch.rand((), device=input_ids.device, generator=g) < self.random_length_ratio:
-                length = int(torch.randint(1, input_ids.shape[1] + 1, (), device=input_ids.device, generator=g))
-                input_ids = input_ids[:, :length]
-        noisy, masked, p_mask = forward_process(input_ids, mask_id=self.mask_id, eps=self.eps, generator=g,
-                                                maskable=loss_mask)
+            g = batch_generator(batch, self.seed)
+            if torch.rand((), generator=g) < self.random_length_ratio:
+                length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=g))
+                input_ids, u = input_ids[:, :length], u[:, :length]
+        noisy, masked, p_mask = forward_process(input_ids, t, u, mask_id=self.mask_id, eps=self.eps, maskable=loss_mask)
         logits = model(input_ids=noisy).logits
         if loss_mask is None:
             loss = mdm_loss(logits, input_ids, masked, p_mask)
         else:
             loss = mdm_loss(logits, input_ids, masked, p_mask, norm=self.sft_norm, answer_len=loss_mask.sum(1))
-        denom = loss_mask.sum() if loss_mask is not None else input_ids.numel()
-        return loss, {"masked_fraction": float(masked.sum()) / max(float(denom), 1.0)}
+        maskable = loss_mask.sum().clamp(min=1) if loss_mask is not None else input_ids.numel()
+        return loss, {"masked_fraction": (masked.sum() / maskable).detach()}
 
 
 @dataclass
@@ -110,7 +161,7 @@ class ARObjective:
     seed: int = 0
     name: str = "ar"
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids = batch["input_ids"]
         labels = batch.get("labels")
         if labels is None:

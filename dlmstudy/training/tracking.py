@@ -25,11 +25,13 @@ class ScalarMirror(TrainerCallback):
         self.swanlab_run = swanlab_run
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """On resume, drop mirrored rows newer than the checkpoint the run restarts from."""
+        """On resume, drop mirrored rows newer than the checkpoint the run restarts from (and a torn last line)."""
         if state.is_world_process_zero and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            text = self.path.read_text()
+            rows = parse_rows(text)
             kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) != len(rows):
+            torn = len(rows) != sum(1 for line in text.splitlines() if line.strip()) or not text.endswith("\n")
+            if len(kept) != len(rows) or (torn and text):
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -64,12 +66,21 @@ def finish_swanlab(run: Any) -> None:
         swanlab.finish()
 
 
+def parse_rows(text: str) -> list[dict[str, float]]:
+    """JSON-lines rows; a line cut short by a killed process is skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_scalars(run_dir: Path) -> list[dict[str, float]]:
     """The mirrored scalars of a run (empty when it logged none)."""
     path = Path(run_dir) / SCALARS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_rows(path.read_text()) if path.exists() else []
 
 
 class QuietProgress(ProgressCallback):

@@ -46,6 +46,11 @@ class DLMTrainer(Trainer):
             self._metric_count += 1
         return (loss, None) if return_outputs else loss
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save as the Trainer does, then wait for every process, so `on_save` (the completion mark) comes last."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         step = self.state.global_step
         logs = dict(logs)
@@ -57,7 +62,7 @@ class DLMTrainer(Trainer):
                 logs["tokens_per_s"] = (step - last_step) * self.tokens_per_step / (now - last_time)
             self._last_log = (now, step)
             for k, v in self._metric_sums.items():
-                logs[k] = v / max(self._metric_count, 1)
+                logs[k] = float(v) / max(self._metric_count, 1)
             self._metric_sums, self._metric_count = {}, 0
         super().log(logs, start_time)
 
