@@ -109,6 +109,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"results: {a.output_path}")
 
 
+def cmd_merge_lora(a: argparse.Namespace) -> None:
+    from dlmstudy.training.merge import merge_lora
+
+    print(f"merged: {merge_lora(a.lora_path, a.base_model_path, a.merge_path)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
                                 "and autoregressive (Qwen2) language models.")
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="train and evaluate every run of a study, then write its report")
     s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
-    s.add_argument("--only", action="append", help="select runs: arm=NAME, unique_tokens=N, epochs=R, run_id=PREFIX")
+    s.add_argument("--only", action="append", help="select runs: arm=NAME, unique_tokens=N, epochs=R, stage=pretrain|sft, run_id=PREFIX")
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override the spec's device")
     s.add_argument("--max_minutes", type=float, help="start no new run after this many minutes (chunked work)")
     s.set_defaults(func=cmd_run)
@@ -142,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=float, help="at most this many items per task (a fraction if < 1)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint, no peft needed")
+    s.add_argument("--lora_path", required=True, help="adapter folder (adapter_config.json)")
+    s.add_argument("--base_model_path", required=True, help="the base model the adapter was trained on")
+    s.add_argument("--merge_path", required=True, help="new folder for the merged checkpoint")
+    s.set_defaults(func=cmd_merge_lora)
 
     s = sub.add_parser("params", help="parameter counts of a LLaDA or Qwen2 config.json, without weights")
     s.add_argument("config", help="config.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -33,14 +34,19 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[QAItem], *,
-                     sampler: str, settings: DecodeSettings) -> list[dict]:
-    """Generate an answer for every item (left-padded batches) and score exact match."""
+                     sampler: str, settings: DecodeSettings,
+                     prompt_fn: Callable[[QAItem], str] = qa_prompt) -> list[dict]:
+    """Generate an answer for every item (left-padded batches) and score exact match.
+
+    `prompt_fn` renders an item: the plain "Question: ... Answer:" form after pretraining, the chat
+    template after SFT.
+    """
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     rows = []
     for start in range(0, len(items), settings.batch_size):
         batch = items[start:start + settings.batch_size]
-        enc = tokenizer([qa_prompt(q) for q in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompt_fn(q) for q in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if sampler == "diffusion":
             opts = dict(steps=settings.steps, gen_length=settings.gen_length, block_length=settings.block_length,

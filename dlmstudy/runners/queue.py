@@ -39,7 +39,7 @@ def read_result(run: Run) -> dict:
     return json.loads((run.dir / RESULT_FILE).read_text())
 
 
-def select(runs: list[Run], only: list[str] | None) -> list[Run]:
+def select(runs: list, only: list[str] | None) -> list:
     """Keep runs matching every `key=value` filter (arm, unique_tokens, epochs, run_id) or a bare arm name."""
     if not only:
         return runs
@@ -51,11 +51,13 @@ def select(runs: list[Run], only: list[str] | None) -> list[Run]:
         elif key == "run_id":
             kept = [r for r in kept if r.run_id.startswith(value)]
         elif key in ("unique_tokens", "epochs"):
-            kept = [r for r in kept if float(getattr(r, key)) == float(value)]
+            kept = [r for r in kept if getattr(r, key, None) is not None and float(getattr(r, key)) == float(value)]
+        elif key == "stage":
+            kept = [r for r in kept if r.stage == value]
         else:
             from dlmstudy.errors import UserError
 
-            raise UserError(f"--only {f!r}: use arm=NAME, unique_tokens=N, epochs=R or run_id=PREFIX")
+            raise UserError(f"--only {f!r}: use arm=NAME, unique_tokens=N, epochs=R, stage=pretrain|sft or run_id=PREFIX")
     return kept
 
 
@@ -63,22 +65,25 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
               progress=print) -> list[dict]:
     """Run every (selected) run of a study that has no result yet; returns the results of all selected runs.
 
-    With `max_minutes`, no new run starts once that much wall time has passed (for chunked work on a
-    lent machine); send SIGTERM to stop a run mid-way at its next step with a checkpoint.
+    Pretraining runs go first, then SFT runs (each needs its parent's final checkpoint). With
+    `max_minutes`, no new run starts once that much wall time has passed (chunked work on a lent
+    machine); SIGTERM stops a run at its next step with a checkpoint.
     """
     import time
 
-    started = time.time()
     from dlmstudy.runners.device import resolve_device
     from dlmstudy.runners.run import execute_run
+    from dlmstudy.runners.sft import execute_sft_run, resolve_sft_runs
     from dlmstudy.runners.study import prepare_data, probe_items, resolve_runs, write_study_index
 
+    started = time.time()
     device = resolve_device(device or spec.device)
     data = prepare_data(spec, progress=progress)
     runs = resolve_runs(spec, data)
-    write_study_index(spec, runs)
+    sft_runs = resolve_sft_runs(spec, runs)
+    write_study_index(spec, runs, sft_runs)
     probes = probe_items(spec, data, runs)
-    chosen = select(runs, only)
+    chosen = select(runs, only) + select(sft_runs, only)
     results = []
     for i, run in enumerate(chosen, 1):
         tag = f"[{i}/{len(chosen)}] {run.run_id}"
@@ -89,15 +94,22 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
         if max_minutes is not None and time.time() - started > 60 * max_minutes:
             progress(f"{tag}: not started, the {max_minutes:g}-minute budget is spent; run again to continue")
             continue
+        if run.stage == "sft" and not run.ready():
+            progress(f"{tag}: waiting for its base model {run.base}; run again once that run has finished")
+            continue
         with run_lock(run.dir) as locked:
             if not locked:
                 progress(f"{tag}: another process is training it, skipped")
                 continue
-            progress(f"{tag}: training on {device} ({run.total_tokens:,} tokens, {run.epochs:g} epochs "
-                     f"of {run.unique_tokens:,} unique)")
-            result = execute_run(run, spec, data, device, probes, progress)
+            if run.stage == "sft":
+                progress(f"{tag}: fine-tuning {run.arm.name} for {run.epochs} epochs on {device}")
+                result = execute_sft_run(run, spec, data, device, probes, progress)
+            else:
+                progress(f"{tag}: training on {device} ({run.total_tokens:,} tokens, {run.epochs:g} epochs "
+                         f"of {run.unique_tokens:,} unique)")
+                result = execute_run(run, spec, data, device, probes, progress)
             acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
-                           if result[f"accuracy_{d}"] is not None)
+                           if result.get(f"accuracy_{d}") is not None)
             progress(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}"
                      + (f", accuracy {acc}" if acc else ""))
             results.append(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -66,64 +67,50 @@ class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; the run resumes next time."""
 
 
-def default_arguments(run: Run, n_samples: int, device: str) -> dict:
+def default_arguments(config: dict, n_samples: int, device: str, *, evals: int = 8) -> dict:
     """TrainingArguments defaults for a run; the spec's `training:` keys override them."""
     args = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "weight_decay": 0.0,
             "max_grad_norm": 1.0, "save_total_limit": 2}
-    args.update(run.config["training"])
+    args.update(config["training"])
     steps = math.ceil(n_samples / args["per_device_train_batch_size"] / args["gradient_accumulation_steps"])
     steps = args.get("max_steps", -1) if args.get("max_steps", -1) > 0 else steps
     args.setdefault("logging_steps", max(1, steps // 50))
-    every = run.config["objective_settings"]["eval_every"] or max(1, steps // 8)
+    every = config.get("objective_settings", {}).get("eval_every") or max(1, steps // evals)
     args.setdefault("eval_steps", every)
     args.setdefault("save_steps", max(1, steps // 4))
-    args.update(eval_strategy="steps", save_strategy="steps", report_to="none", seed=run.config["seed"],
+    args.update(eval_strategy="steps", save_strategy="steps", report_to="none", seed=config["seed"],
                 remove_unused_columns=False, dataloader_num_workers=0, num_train_epochs=1,
                 use_cpu=device == "cpu", disable_tqdm=False)
-    if device != "cpu" and "bf16" not in run.config["training"]:
+    if device != "cpu" and "bf16" not in config["training"]:
         args["bf16"] = supports_bf16(device)
+    if device == "npu" and "optim" not in config["training"]:
+        args["optim"] = "adamw_torch"  # torch's fused AdamW is CUDA/CPU only; untested on real NPUs
     return args
 
 
-def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=print):
-    """Train (or resume) a run and return (model, training metrics)."""
-    L = run.config["max_length"]
-    chunks = prefix_chunks(data.train, run.unique_tokens, L)
-    order = epoch_order(len(chunks), run.epochs, seed=spec.data.seed)
-    train_set = PackedDataset(chunks, order)
-    val_ids = torch.from_numpy(data.validation.astype("int64"))
-    val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
+def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_set, objective, tokens_per_step: int,
+        validation_fn, spec: StudySpec, config: dict, data_collator=None, progress=print):
+    """The training loop every stage shares: DLMTrainer + tracking + complete-marked checkpoints + resume + SIGTERM.
 
-    model_config = build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal)
-    model = build_model(model_config, seed=spec.seed)
-    ts = spec.training
-    objective = build_objective(run.arm.objective, seed=spec.seed, **(
-        {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
-        if run.arm.objective == "mdm" else {}))
-    args = TrainingArguments(output_dir=str(run.dir / "checkpoints"), **default_arguments(run, len(train_set), device))
-    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * L
-    ev = spec.evaluation
-    n_val = min(len(val_ids), ts.eval_batches * args.per_device_train_batch_size)
-
-    def during_training(m):
-        return validation_loss(m, run.arm.objective, val_ids[:n_val], mask_id=data.tokens.mask_token_id,
-                               mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
-
+    Returns (trained model, metrics). Raises Interrupted after saving when a signal asked it to stop.
+    """
+    args = TrainingArguments(output_dir=str(run_dir / "checkpoints"), **arguments)
     tracker = None
     if spec.tracking.report_to == "swanlab":
-        tracker = start_swanlab(project=spec.tracking.project, name=run.run_id, mode=spec.tracking.mode,
-                                logdir=run.dir / "swanlog", config=run.config)
+        tracker = start_swanlab(project=spec.tracking.project, name=run_id, mode=spec.tracking.mode,
+                                logdir=run_dir / "swanlog", config=config)
     stopper = StopOnSignal()
-    trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                         objective=objective, tokens_per_step=tokens_per_step, validation_fn=during_training,
-                         callbacks=[ScalarMirror(run.dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
+    trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         objective=objective, tokens_per_step=tokens_per_step, validation_fn=validation_fn,
+                         data_collator=data_collator,
+                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     stopper.install()
-    resume = last_complete_checkpoint(run.dir / "checkpoints")
+    resume = last_complete_checkpoint(run_dir / "checkpoints")
     if resume:
-        progress(f"{run.run_id}: resuming from {resume.name}")
+        progress(f"{run_id}: resuming from {resume.name}")
     start_step = int(resume.name.split("-")[-1]) if resume else 0
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -132,11 +119,39 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopper.requested:
-        raise Interrupted(f"{run.run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
+        raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
     trained = (trainer.state.global_step - start_step) * tokens_per_step
     runtime = out.metrics.get("train_runtime", float("nan"))
     return trainer.model, {"train_runtime_s": runtime, "train_tokens_per_s": trained / runtime if runtime else None,
                            "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
+
+
+def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=print):
+    """Pretrain (or resume) a run on its U-token prefix for R epochs; returns (model, training metrics)."""
+    L = run.config["max_length"]
+    chunks = prefix_chunks(data.train, run.unique_tokens, L)
+    order = epoch_order(len(chunks), run.epochs, seed=spec.data.seed)
+    train_set = PackedDataset(chunks, order)
+    val_ids = torch.from_numpy(data.validation.astype("int64"))
+    val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
+    model = build_model(build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal), seed=spec.seed)
+    ts = spec.training
+    objective = build_objective(run.arm.objective, seed=spec.seed, **(
+        {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
+        if run.arm.objective == "mdm" else {}))
+    arguments = default_arguments(run.config, len(train_set), device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = arguments["per_device_train_batch_size"] * arguments["gradient_accumulation_steps"] * world * L
+    ev = spec.evaluation
+    n_val = min(len(val_ids), ts.eval_batches * arguments["per_device_train_batch_size"])
+
+    def during_training(m):
+        return validation_loss(m, run.arm.objective, val_ids[:n_val], mask_id=data.tokens.mask_token_id,
+                               mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
+
+    return fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set, eval_set=val_set,
+               objective=objective, tokens_per_step=tokens_per_step, validation_fn=during_training, spec=spec,
+               config=run.config, progress=progress)
 
 
 def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem], device: str) -> dict:

@@ -15,8 +15,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dlmstudy.data.biographies import QAItem
-from dlmstudy.data.corpus import Corpus, load_corpus
-from dlmstudy.data.packing import TokenStream, cached_stream, prefix_chunks
+from dlmstudy.data.corpus import Corpus, corpus_streams, load_corpus
+from dlmstudy.data.packing import TokenStream, prefix_chunks
 from dlmstudy.data.tokenizer import get_tokenizer, special_tokens
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
@@ -51,6 +51,7 @@ class Run:
     params: ParamCounts
     config: dict
     dir: Path
+    stage: str = "pretrain"
 
     @property
     def total_tokens(self) -> int:
@@ -68,19 +69,18 @@ def prepare_data(spec: StudySpec, *, progress=print) -> StudyData:
     src = spec.data.pretrain
     progress(f"data: {src.source}")
     corpus = load_corpus(src.source, text_field=src.text_field, people=src.people,
-                         per_person=src.biographies_per_person, qa_fraction=src.qa_fraction,
-                         validation_chars=8 * spec.data.validation_tokens, seed=spec.data.seed)
-    tok = get_tokenizer(spec.tokenizer.kind, texts=corpus.train_docs, vocab_size=spec.tokenizer.vocab_size,
+                         per_person=src.biographies_per_person, qa_fraction=src.qa_fraction, seed=spec.data.seed)
+    tok = get_tokenizer(spec.tokenizer.kind, texts=corpus.tokenizer_texts(), vocab_size=spec.tokenizer.vocab_size,
                         path=spec.tokenizer.path, cache_dir=cache)
-    train = cached_stream(corpus.train_docs, tok, cache, name="train", insert_eos=spec.data.insert_eos)
-    val = cached_stream(corpus.validation_docs, tok, cache, name="validation", insert_eos=spec.data.insert_eos)
+    train, val = corpus_streams(corpus, tok, cache, validation_tokens=spec.data.validation_tokens,
+                                insert_eos=spec.data.insert_eos)
     L = spec.data.max_length
     n_val = min(len(val) // L, max(1, spec.data.validation_tokens // L))
     if n_val == 0:
         raise UserError(f"the validation text holds no full sequence of max_length {L}")
     validation = np.asarray(val.tokens[: n_val * L]).reshape(n_val, L)
     fingerprint = f"{len(tok)}:{len(train)}:{int(np.asarray(train.tokens[:4096], dtype=np.int64).sum())}"
-    progress(f"data: {len(corpus.train_docs):,} training documents, {len(train):,} tokens; "
+    progress(f"data: {train.n_docs:,} training documents, {len(train):,} tokens; "
              f"validation {n_val * L:,} tokens; vocabulary {len(tok):,}")
     return StudyData(tok, special_tokens(tok), corpus, train, validation, fingerprint)
 
@@ -169,13 +169,15 @@ def probe_items(spec: StudySpec, data: StudyData, runs: list[Run]) -> list[QAIte
     return [item for p in people for item in data.corpus.probes[p]]
 
 
-def write_study_index(spec: StudySpec, runs: list[Run]) -> None:
+def write_study_index(spec: StudySpec, runs: list[Run], sft_runs: list | None = None) -> None:
     """`runs/<study>/study.json`: the planned runs, so a report can list the ones still missing."""
     path = study_dir(spec) / "study.json"
     index = {"name": spec.name, "spec": spec.model_dump(), "runs": [
-        {"run_id": r.run_id, "arm": r.arm.name, "unique_tokens": r.unique_tokens, "epochs": r.epochs,
-         "total_tokens": r.total_tokens, "params_total": r.params.total,
-         "params_non_embedding": r.params.non_embedding} for r in runs]}
+        {"run_id": r.run_id, "stage": "pretrain", "arm": r.arm.name, "unique_tokens": r.unique_tokens,
+         "epochs": r.epochs, "total_tokens": r.total_tokens, "params_total": r.params.total,
+         "params_non_embedding": r.params.non_embedding} for r in runs] + [
+        {"run_id": r.run_id, "stage": "sft", "arm": r.arm.name, "sft_epochs": r.epochs, "parent": r.parent}
+        for r in sft_runs or []]}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(index, indent=2, default=str))
     tmp.replace(path)

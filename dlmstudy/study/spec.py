@@ -145,6 +145,29 @@ class EvaluationSpec(Strict):
     sampler_grid: SamplerGridSpec = SamplerGridSpec()
 
 
+class SFTSpec(Strict):
+    """The SFT stage: each arm's pretrained model fine-tuned on Alpaca rows for each epoch count.
+
+    `base` maps an arm to a local pretrained model folder (e.g. LLaDA-8B, Qwen2.5-7B); arms it does
+    not name start from their own pretraining run with the most unique tokens (`from_run`).
+    """
+
+    source: str = "builtin:biographies"
+    epochs: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    base: dict[str, str] = Field(default_factory=dict)
+    from_run: Literal["most_unique", "all"] = "most_unique"
+    max_length: int = Field(256, ge=8)
+    load_preprocessed_data: bool = False
+    validation_rows: int = Field(64, ge=1, description="built-in source: rows held out for SFT validation loss")
+    loss_norm: Literal["sequence", "token"] = "sequence"
+    lora: bool = False
+    r: int = Field(32, ge=1)
+    lora_alpha: float = 64
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
 class StudySpec(Strict):
     """A whole study: every arm trained on the same tokens with the same budget, evaluated the same way."""
 
@@ -161,6 +184,7 @@ class StudySpec(Strict):
     grid: GridSpec
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    sft: SFTSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -180,9 +204,10 @@ def _training_argument_names() -> set[str]:
 TRAINING_ALIASES = {"warmup_ratio": "warmup_steps"}  # transformers 5: a float warmup_steps < 1 is a ratio
 
 
-def _split_training(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Move TrainingArguments names under `training.arguments`; anything unknown is an error."""
-    ours = set(TrainingSpec.model_fields) - {"arguments"}
+def _split_training(raw: dict[str, Any], path: Path, section: str = "training",
+                    ours: set[str] | None = None) -> dict[str, Any]:
+    """Move TrainingArguments names under `<section>.arguments`; anything unknown is an error."""
+    ours = (set(TrainingSpec.model_fields) if ours is None else ours) - {"arguments"}
     hf = _training_argument_names()
     out: dict[str, Any] = {"arguments": dict(raw.pop("arguments", {}) or {})}
     for key, value in raw.items():
@@ -192,7 +217,7 @@ def _split_training(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         elif key in hf:
             out["arguments"][key] = value
         else:
-            raise UserError(f"{path}: unknown key 'training.{key}' (not a dlmstudy or transformers.TrainingArguments setting)")
+            raise UserError(f"{path}: unknown key '{section}.{key}' (not a dlmstudy or transformers.TrainingArguments setting)")
     return out
 
 
@@ -215,6 +240,8 @@ def parse_spec(raw: dict[str, Any], path: str | Path = "<spec>") -> StudySpec:
     raw = dict(raw)
     if isinstance(raw.get("training"), dict):
         raw["training"] = _split_training(dict(raw["training"]), path)
+    if isinstance(raw.get("sft"), dict):
+        raw["sft"] = _split_training(dict(raw["sft"]), path, "sft", set(SFTSpec.model_fields))
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
