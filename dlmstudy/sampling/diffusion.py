@@ -1,0 +1,262 @@
+"""LLaDA's masked-diffusion sampler (the reference `generate`), vectorised over the batch.
+
+Start from the prompt followed by `gen_length` mask tokens and unmask them block by block, left to
+right. Within a block, each step predicts every masked token (x0 = argmax of Gumbel-perturbed
+logits) and commits the k most confident ones; k follows a linear schedule (the block's masked
+count split evenly over its steps, the remainder one each to the first steps). Options:
+
+- `cfg_scale`: classifier-free guidance, logits = un + (cfg + 1)(cond - un), where the
+  unconditional pass sees the prompt replaced by mask tokens.
+- `threshold` (Fast-dLLM parallel decoding): instead of the schedule, commit every masked token of
+  the block whose confidence is >= threshold, at least the most confident one per step; a block
+  ends when it has no masks left, so the number of steps adapts (`steps` only has to pass the checks).
+- `use_cache` (Fast-dLLM prefix cache): the first step of a block runs the whole sequence and keeps
+  the K/V of the prefix (prompt and finished blocks); the block's later steps run only the block
+  and the masked suffix against that cache. With bidirectional attention the prefix K/V depend on
+  the tokens after it, which change during the block, so later steps are an approximation (as in
+  Fast-dLLM); the first step of each block is exact, and with causal attention every step is.
+
+One deliberate difference from the reference: the mask token itself is never predicted (its logit is
+-inf), so the output holds no mask tokens and a threshold step always makes progress; the reference
+would "commit" a predicted mask and leave the position masked. Trained models give it ~0 probability.
+
+Only the current block can be committed, so the float64 Gumbel noise and the softmax are computed
+for the block's positions only (the reference draws noise for the whole sequence and discards the
+rest: same distribution, a different use of the random stream). Uniform confidences for `random`
+remasking are drawn for the whole sequence, as in the reference, so a seed reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from dlmstudy.errors import UserError
+
+REMASKING = ("low_confidence", "random")
+
+
+class SamplerArgumentError(UserError, ValueError):
+    """An invalid sampler option or combination of options (a `UserError` and a `ValueError`)."""
+
+
+def num_transfer_tokens(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each step, (B, steps): the masked count split evenly, remainder first."""
+    count = masked.sum(dim=1, keepdim=True)
+    base, remainder = count // steps, count % steps
+    return base + (torch.arange(steps, device=masked.device) < remainder).long()
+
+
+def top_k_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the k[b] highest-confidence positions of each row b (a per-row top-k)."""
+    order = confidence.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)
+    return ranks < k.unsqueeze(-1)
+
+
+def accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword argument `name` explicitly."""
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_kwargs(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """Keyword arguments passing a KV cache to a transformers model (`cache`, formerly `past_key_values`)."""
+    name = "cache" if accepts(model, "cache") else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Drop the cached K/V beyond the first `length` positions."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+class _Denoiser:
+    """The mask predictor as the sampler calls it: padding, classifier-free guidance and the KV cache."""
+
+    def __init__(self, model, prompt_len: int, attention_mask, gen_length: int, cfg_scale: float, mask_id: int):
+        self.model, self.prompt_len, self.cfg_scale, self.mask_id = model, prompt_len, cfg_scale, mask_id
+        self.keep_logits = accepts(model, "logits_to_keep")
+        self.attention_mask = self.position_ids = None
+        if attention_mask is not None:
+            generated = torch.ones(attention_mask.shape[0], gen_length, dtype=torch.long, device=attention_mask.device)
+            full = torch.cat([attention_mask.long(), generated], dim=1)
+            self.attention_mask, self.position_ids = self._pair(full), self._pair(positions_from_mask(full))
+
+    def _pair(self, t: torch.Tensor) -> torch.Tensor:
+        """Stack the conditional and unconditional batches when guidance is on."""
+        return torch.cat([t, t]) if self.cfg_scale > 0 else t
+
+    def logits(self, x: torch.Tensor, start: int, block: slice, cache: DynamicCache | None) -> torch.Tensor:
+        """Logits of the positions in `block`, running the model on x[:, start:] (the prefix is in `cache`)."""
+        inputs = x
+        if self.cfg_scale > 0:
+            unconditional = x.clone()
+            unconditional[:, : self.prompt_len] = self.mask_id
+            inputs = torch.cat([x, unconditional])
+        kwargs = {}
+        if self.attention_mask is not None:
+            kwargs.update(attention_mask=self.attention_mask, position_ids=self.position_ids[:, start:])
+        if cache is not None:
+            kwargs.update(cache_kwargs(self.model, cache))
+        window = slice(block.start - start, block.stop - start)
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = torch.arange(window.start, window.stop, device=x.device)
+            logits = self.model(inputs[:, start:], **kwargs).logits
+        else:
+            logits = self.model(inputs[:, start:], **kwargs).logits[:, window]
+        if self.cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
+        return logits
+
+
+def _propose(logits, *, remasking, temperature, random_confidence, generator, mask_id, eos_id, eos_banned, defer_eos):
+    """x0 and its confidence for each position of the block: Gumbel-max in float64, as in the reference."""
+    logits = logits.to(torch.float64)
+    logits[:, :, mask_id] = float("-inf")
+    if eos_banned is not None:
+        logits[:, :, eos_id] = logits[:, :, eos_id].masked_fill(eos_banned, float("-inf"))
+    if temperature == 0:
+        x0 = logits.argmax(dim=-1)
+    else:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+    if remasking == "low_confidence":
+        confidence = F.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = random_confidence.to(torch.float64)
+    if defer_eos:
+        confidence = torch.where(x0 == eos_id, confidence - 2.0, confidence)
+    return x0, confidence
+
+
+def check_prompt(prompt: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """A (B, P) batch of token ids, left-padded when `attention_mask` (B, P) is given."""
+    if prompt.dim() != 2 or prompt.dtype != torch.long:
+        raise SamplerArgumentError(
+            f"prompt must be a 2-D tensor of token ids (batch, length), got {tuple(prompt.shape)} {prompt.dtype}")
+    if attention_mask is None:
+        return
+    if attention_mask.shape != prompt.shape:
+        raise SamplerArgumentError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != prompt shape {tuple(prompt.shape)}")
+    if (attention_mask[:, 1:].long() < attention_mask[:, :-1].long()).any():
+        raise SamplerArgumentError("prompts must be left-padded (attention_mask zeros before ones); got right padding")
+
+
+def _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, eos_id, min_new_tokens,
+           defer_eos) -> None:
+    """Reject invalid options and combinations with one clear line each."""
+    for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
+        if value < 1:
+            raise SamplerArgumentError(f"{name} must be >= 1, got {value}")
+    if gen_length % block_length:
+        raise SamplerArgumentError(f"gen_length {gen_length} is not divisible by block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise SamplerArgumentError(
+            f"steps {steps} is not divisible by the number of blocks {num_blocks} (gen_length / block_length)")
+    if remasking not in REMASKING:
+        raise SamplerArgumentError(f"unknown remasking {remasking!r}; known: {', '.join(REMASKING)}")
+    if temperature < 0 or cfg_scale < 0:
+        raise SamplerArgumentError(f"temperature and cfg_scale must be >= 0, got {temperature} and {cfg_scale}")
+    if threshold is not None and remasking != "low_confidence":
+        raise SamplerArgumentError("threshold (parallel decoding) needs remasking='low_confidence'")
+    if threshold is not None and threshold < 0:
+        raise SamplerArgumentError(f"threshold must be >= 0, got {threshold}")
+    if (min_new_tokens or defer_eos) and eos_id is None:
+        raise SamplerArgumentError("min_new_tokens and defer_eos need eos_id")
+    if not 0 <= min_new_tokens <= gen_length:
+        raise SamplerArgumentError(f"min_new_tokens must be in [0, gen_length={gen_length}], got {min_new_tokens}")
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    threshold: float | None = None,
+    use_cache: bool = False,
+    eos_id: int | None = None,
+    min_new_tokens: int = 0,
+    defer_eos: bool = False,
+    generator: torch.Generator | None = None,
+    return_history: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fill `gen_length` masked tokens after `prompt` (B, P) by LLaDA's reverse process; returns (B, P + gen_length).
+
+    `mask_id` defaults to `model.config.mask_token_id`. `attention_mask` (B, P) marks real prompt
+    tokens of left-padded prompts. `min_new_tokens` forbids `eos_id` in the first that many
+    generated positions; `defer_eos` commits positions predicting `eos_id` only after every other
+    masked position of the block. `generator` drives the random draws (the global RNG when None).
+    With `return_history`, also returns `unmask_step` (B, gen_length): the step (counted over all
+    blocks from 0) at which each generated position was committed; `unmask_step == t` are the
+    positions committed at step t.
+    """
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise SamplerArgumentError("mask_id is required (the model's config has no mask_token_id)")
+    check_prompt(prompt, attention_mask)
+    _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, eos_id, min_new_tokens,
+           defer_eos)
+    batch, prompt_len = prompt.shape
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_id)], dim=1)
+    denoiser = _Denoiser(model, prompt_len, attention_mask, gen_length, cfg_scale, mask_id)
+    unmask_step = torch.full((batch, gen_length), -1, dtype=torch.long, device=x.device)
+    step = 0
+    for b in range(num_blocks):
+        block = slice(prompt_len + b * block_length, prompt_len + (b + 1) * block_length)
+        gen_block = slice(block.start - prompt_len, block.stop - prompt_len)
+        schedule = num_transfer_tokens(x[:, block] == mask_id, steps_per_block)
+        eos_banned = None
+        if min_new_tokens:
+            generated_index = torch.arange(gen_block.start, gen_block.stop, device=x.device)
+            eos_banned = (generated_index < min_new_tokens).expand(batch, -1)
+        cache = DynamicCache() if use_cache else None
+        for i in itertools.count():
+            block_done = i == steps_per_block if threshold is None else not (x[:, block] == mask_id).any()
+            if block_done:
+                break
+            start = block.start if (cache is not None and i > 0) else 0
+            logits = denoiser.logits(x, start, block, cache)
+            if cache is not None:
+                crop_cache(cache, block.start)
+            random_confidence = None
+            if remasking == "random":
+                random_confidence = torch.rand(x.shape, device=x.device, generator=generator)[:, block]
+            x0, confidence = _propose(logits, remasking=remasking, temperature=temperature,
+                                      random_confidence=random_confidence, generator=generator, mask_id=mask_id,
+                                      eos_id=eos_id, eos_banned=eos_banned, defer_eos=defer_eos)
+            masked = x[:, block] == mask_id
+            confidence = confidence.masked_fill(~masked, float("-inf"))
+            if threshold is None:
+                commit = top_k_mask(confidence, schedule[:, i])
+            else:
+                commit = (confidence >= threshold) | top_k_mask(confidence, masked.any(dim=-1).long())
+            x[:, block] = torch.where(commit, x0, x[:, block])
+            unmask_step[:, gen_block] = unmask_step[:, gen_block].masked_fill(commit, step)
+            step += 1
+    return (x, unmask_step) if return_history else x
