@@ -115,6 +115,50 @@ def cmd_merge_lora(a: argparse.Namespace) -> None:
     print(f"merged: {merge_lora(a.lora_path, a.base_model_path, a.merge_path)}")
 
 
+def _chatbot(a: argparse.Namespace):
+    from dlmstudy.sampling.chat import Chatbot, DecodeOptions
+
+    return Chatbot.load(a.model_name_or_path, options=DecodeOptions.from_flags(vars(a)), device=a.device,
+                        seed=a.seed, chat_template=a.chat_template)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    bot = _chatbot(a)
+    reply = bot.reply([{"role": "user", "content": a.prompt}])
+    print(reply.text)
+    if a.show_steps:
+        print("\n".join(bot.step_lines(reply)))
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from dlmstudy.sampling.chat import run_chat, terminal_lines
+
+    bot = _chatbot(a)
+    print(f"chat with {a.model_name_or_path} (arm {bot.arm.name}, {bot.arm.sampler} sampler); "
+          "exit, quit or EOF ends, /clear forgets the history", file=sys.stderr)
+    run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps)
+
+
+def add_decoding_flags(s: argparse.ArgumentParser) -> None:
+    """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given")."""
+    s.add_argument("--model_name_or_path", required=True, help="checkpoint, finished run, LLaDA or HF Qwen2/Llama folder")
+    s.add_argument("--max_length", "--gen_length", dest="max_length", type=int, default=128,
+                   help="tokens to generate (default 128)")
+    s.add_argument("--steps", type=int, help="diffusion: sampling steps (default max_length)")
+    s.add_argument("--block_length", type=int, help="diffusion: block length (default min(32, max_length))")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float, help="diffusion: classifier-free guidance scale (default 0)")
+    s.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion (default low_confidence)")
+    s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident")
+    s.add_argument("--use_cache", action="store_true", default=None, help="diffusion, Fast-dLLM: per-block prefix KV cache")
+    s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")
+    s.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default on)")
+    s.add_argument("--show_steps", action="store_true", help="after each answer, show it step by step as it was unmasked")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    s.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
                                 "and autoregressive (Qwen2) language models.")
@@ -172,13 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
     s.add_argument("--json", help="write the records to this JSON file")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("generate", help="answer one prompt with a model (diffusion or AR), as the tutorial's generate.py")
+    s.add_argument("--prompt", required=True)
+    add_decoding_flags(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="multi-turn terminal chat with a model; reads stdin line by line")
+    add_decoding_flags(s)
+    s.set_defaults(func=cmd_chat)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

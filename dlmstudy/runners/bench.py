@@ -1,0 +1,299 @@
+"""`dlmstudy bench`: training and sampling throughput of the arms on one device, with MFU.
+
+Training: forward + backward + optimizer step of the arm's own objective (bf16 autocast on
+accelerators, fused AdamW on cuda, gradient clipping at 1.0 as the Trainer does) on random tokens;
+the step time is the median of the timed steps after warm-up. MFU as in REFERENCES.md:
+
+    MFU = tokens/s x (6 N_matmul + 12 n_layers d L) / peak FLOP/s
+
+N_matmul counts the weights of every matmul (output head included, embedding lookup not), L is the
+sequence length. Sampling: tokens/s of LLaDA's sampler (plain, parallel decoding at threshold 0.9,
+prefix cache) across steps and block lengths for diffusion arms, KV-cached decoding for AR arms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import transformers
+
+from dlmstudy.errors import UserError
+from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
+from dlmstudy.models.params import config_from_json, count_model
+from dlmstudy.models.registry import Arm, get_arm
+from dlmstudy.runners.device import (autocast, device_name, peak_memory, reset_peak_memory, resolve_device,
+                                     synchronize)
+from dlmstudy.training.objectives import build_objective
+
+PARALLEL_THRESHOLD = 0.9
+MEASUREMENTS = ("train", "sample")
+
+# bf16 dense peaks (FLOP/s), matched by a substring of the device name; first match wins.
+PEAK_FLOPS: list[tuple[str, float, str]] = [
+    ("H200", 788e12, "measured bf16 matmul peak of one H200 (REFERENCES.md; datasheet 989e12)"),
+    ("H100 PCIe", 756e12, "NVIDIA H100 PCIe datasheet, bf16 dense"),
+    ("H100 NVL", 835e12, "NVIDIA H100 NVL datasheet, bf16 dense"),
+    ("H100", 989e12, "NVIDIA H100 SXM datasheet, bf16 dense"),
+    ("A100", 312e12, "NVIDIA A100 datasheet, bf16 dense"),
+    ("910B", 313e12, "Ascend 910B: approximate, ~313e12 as quoted for the 910B3 (third-party figures 256e12-320e12, "
+                     "no official bf16 datasheet; see docs/benchmarks.md); pass --peak_flops to override"),
+]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Model shape, training batch and sampling grid of one benchmark setting (every arm gets the same shape)."""
+
+    name: str
+    size: ModelSize
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    mask_token_id: int | None = None  # default: the last id of the vocabulary
+    sample_batch: int = 8
+    prompt_len: int = 32
+    gen_length: int = 128
+    sample_steps: tuple[int, ...] = (128, 32)
+    block_lengths: tuple[int, ...] = (128, 32)
+
+    @property
+    def tokens(self) -> SpecialTokens:
+        mask = self.vocab_size - 1 if self.mask_token_id is None else self.mask_token_id
+        return SpecialTokens(vocab_size=self.vocab_size, pad_token_id=0, eos_token_id=1, mask_token_id=mask)
+
+
+BENCH_CONFIGS: dict[str, BenchConfig] = {
+    # seconds on a laptop CPU: checks the machinery, says nothing about speed
+    "tiny": BenchConfig("tiny", ModelSize(hidden_size=32, num_layers=2, num_heads=4), vocab_size=64, seq_len=32,
+                        batch_size=4, sample_batch=2, prompt_len=8, gen_length=8, sample_steps=(8, 2),
+                        block_lengths=(8, 2)),
+    # REFERENCES.md planning shape: 3.0M non-embedding parameters, vocab 32,768, seq 512, batch 64
+    "small": BenchConfig("small", ModelSize(hidden_size=256, num_layers=4, num_heads=4), vocab_size=32768,
+                         seq_len=512, batch_size=64),
+    # the seed's LLaDA 100M (seed/configs/llada-100M.config.json) at the tutorial's sequence length
+    "seed-100m": BenchConfig("seed-100m", ModelSize(hidden_size=448, num_layers=6, num_heads=7, intermediate_size=768),
+                             vocab_size=126464, seq_len=1024, batch_size=16, mask_token_id=126336),
+}
+
+
+def config_from_path(path: str | Path) -> BenchConfig:
+    """A benchmark setting with the shape of a LLaDA, Qwen2 or Llama config.json (batch 16, seq up to 1024)."""
+    hf = config_from_json(path)
+    heads = hf.num_attention_heads
+    if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // heads):
+        raise UserError(f"{path}: head_dim {hf.head_dim} != hidden_size / heads; dlmstudy sizes cannot express it")
+    rope = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    size = ModelSize(hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=heads,
+                     num_kv_heads=hf.num_key_value_heads, intermediate_size=hf.intermediate_size,
+                     max_position_embeddings=hf.max_position_embeddings, rope_theta=float(rope),
+                     rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=bool(hf.tie_word_embeddings))
+    name = Path(path).parent.name if Path(path).name == "config.json" else Path(path).name
+    return BenchConfig(name, size, vocab_size=hf.vocab_size, seq_len=min(1024, hf.max_position_embeddings),
+                       batch_size=16, mask_token_id=getattr(hf, "mask_token_id", None))
+
+
+def bench_config(name_or_path: str, *, batch_size: int | None = None, seq_len: int | None = None) -> BenchConfig:
+    """A named setting (tiny, small, seed-100m) or a config.json path, with optional batch/sequence overrides."""
+    if name_or_path in BENCH_CONFIGS:
+        cfg = BENCH_CONFIGS[name_or_path]
+    elif Path(name_or_path).exists():
+        cfg = config_from_path(name_or_path)
+    else:
+        raise UserError(f"bench config {name_or_path!r}: use one of {', '.join(BENCH_CONFIGS)} or a config.json path")
+    for key, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and value < 1:
+            raise UserError(f"--{key} must be at least 1, got {value}")
+    cfg = dataclasses.replace(cfg, batch_size=batch_size or cfg.batch_size, seq_len=seq_len or cfg.seq_len)
+    longest = max(cfg.seq_len, cfg.prompt_len + cfg.gen_length)
+    if longest > cfg.size.max_position_embeddings:
+        cfg = dataclasses.replace(cfg, size=dataclasses.replace(cfg.size, max_position_embeddings=longest))
+    return cfg
+
+
+def peak_flops(name: str) -> tuple[float | None, str]:
+    """(bf16 dense peak FLOP/s, source) for a device name; (None, reason) when unknown (every CPU)."""
+    for key, flops, source in PEAK_FLOPS:
+        if key.lower() in name.lower():
+            return flops, source
+    return None, f"no peak known for {name!r}; pass --peak_flops"
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights used in a matmul: every nn.Linear (the output head too, even when tied), not the embedding lookup."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def flops_per_token(n_matmul: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N_matmul (forward + backward) + 12 n_layers d L (attention scores and values)."""
+    return 6 * n_matmul + 12 * n_layers * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, flops: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak (None without a peak)."""
+    return None if not peak else tokens_per_s * flops / peak
+
+
+def _record(measurement: str, arm: Arm, cfg: BenchConfig, device: str, model: torch.nn.Module, **fields) -> dict:
+    counts = count_model(model)
+    return {"measurement": measurement, "device": device, "device_name": device_name(device), "config": cfg.name,
+            "arm": arm.name, "objective": arm.objective, "sampler": arm.sampler, **fields,
+            "params_total": counts.total, "params_non_embedding": counts.non_embedding,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _timed(device: str, fn: Callable[[], object]) -> tuple[float, object]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *, steps: int = 10,
+                   warmup: int = 3, peak: float | None = None) -> dict:
+    """Median step time and tokens/s of the arm's training step on random tokens (the model is trained in place)."""
+    objective = build_objective(arm.objective, seed=0, **({"mask_id": cfg.tokens.mask_token_id}
+                                                          if arm.objective == "mdm" else {}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    B, L = cfg.batch_size, cfg.seq_len
+    model.train()
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        with autocast(device):
+            loss, _ = objective(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    times = []
+    for i in range(warmup + steps):  # each step gets fresh random tokens, drawn outside the timed region
+        batch = {"input_ids": torch.randint(0, cfg.tokens.mask_token_id, (B, L), device=device),
+                 "index": torch.arange(i * B, (i + 1) * B, device=device)}
+        times.append(_timed(device, lambda: step(batch))[0])
+    times = times[warmup:]
+    step_time = statistics.median(times)
+    tokens_per_s = B * L / step_time
+    flops = flops_per_token(matmul_params(model), cfg.size.num_layers, cfg.size.hidden_size, L)
+    model.eval()
+    return _record("train", arm, cfg, device, model, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
+                   step_time_s=step_time, mfu=mfu(tokens_per_s, flops, peak), flops_per_token=flops,
+                   peak_flops=peak, peak_memory_gb=peak_memory(device) / 1e9, timed_steps=steps)
+
+
+def sampling_grid(cfg: BenchConfig) -> list[tuple[str, int, int]]:
+    """(mode, steps, block_length) settings the sampler accepts; parallel decoding (steps unused) once per block."""
+    grid = []
+    for block in cfg.block_lengths:
+        if cfg.gen_length % block:
+            continue
+        blocks = cfg.gen_length // block
+        grid += [(mode, s, block) for s in cfg.sample_steps if s % blocks == 0 and s <= cfg.gen_length
+                 for mode in ("plain", "cached")]
+        grid.append(("parallel", cfg.gen_length, block))
+    return grid
+
+
+@torch.no_grad()
+def bench_sampling(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str) -> list[dict]:
+    """Generated tokens/s: LLaDA's sampler over `sampling_grid` (diffusion arms) or KV-cached decoding (AR arms)."""
+    from dlmstudy.sampling import ar_generate, generate
+
+    model.eval()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(0, cfg.tokens.mask_token_id, (cfg.sample_batch, cfg.prompt_len), generator=g).to(device)
+    common = dict(batch=cfg.sample_batch, seq_len=cfg.prompt_len + cfg.gen_length, prompt_len=cfg.prompt_len,
+                  gen_length=cfg.gen_length, mfu=None)
+    new_tokens = cfg.sample_batch * cfg.gen_length
+    records = []
+    if arm.sampler == "ar":
+        with autocast(device):
+            ar_generate(model, prompt, max_new_tokens=cfg.gen_length)  # warm-up
+            reset_peak_memory(device)
+            seconds, _ = _timed(device, lambda: ar_generate(model, prompt, max_new_tokens=cfg.gen_length))
+        return [_record("ar_decode", arm, cfg, device, model, mode="kv_cache", steps=cfg.gen_length, block_length=1,
+                        forward_passes=cfg.gen_length, tokens_per_s=new_tokens / seconds, step_time_s=seconds,
+                        peak_memory_gb=peak_memory(device) / 1e9, **common)]
+    options = {"plain": {}, "cached": {"use_cache": True}, "parallel": {"threshold": PARALLEL_THRESHOLD}}
+    grid = sampling_grid(cfg)
+    if not grid:
+        raise UserError(f"bench config {cfg.name}: no valid (steps, block_length) for gen_length {cfg.gen_length}")
+    with autocast(device):
+        for mode, steps, block in [grid[0]] + grid:  # the first run warms up kernels and caches
+            reset_peak_memory(device)
+            seconds, (_, history) = _timed(device, lambda: generate(
+                model, prompt, steps=steps, gen_length=cfg.gen_length, block_length=block,
+                mask_id=cfg.tokens.mask_token_id, return_history=True, **options[mode]))
+            records.append(_record("sample", arm, cfg, device, model, mode=mode,
+                                   steps=None if mode == "parallel" else steps, block_length=block,
+                                   forward_passes=int(history.max()) + 1, tokens_per_s=new_tokens / seconds,
+                                   step_time_s=seconds, peak_memory_gb=peak_memory(device) / 1e9, **common))
+    return records[1:]
+
+
+def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), configs: Iterable[str] = ("tiny",),
+              steps: int = 10, warmup: int = 3, batch_size: int | None = None, seq_len: int | None = None,
+              measure: Iterable[str] = MEASUREMENTS, peak: float | None = None,
+              progress: Callable[[str], None] = print) -> list[dict]:
+    """Benchmark every (config, arm): one training record and the sampling records; returns them all."""
+    if steps < 1 or warmup < 0:
+        raise UserError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    unknown = set(measure) - set(MEASUREMENTS)
+    if unknown:
+        raise UserError(f"unknown measurement {sorted(unknown)[0]!r}; use {', '.join(MEASUREMENTS)}")
+    device = resolve_device(device)
+    arm_list = [get_arm(a) for a in arms]
+    settings = [bench_config(c, batch_size=batch_size, seq_len=seq_len) for c in configs]
+    if peak is None:
+        peak, source = peak_flops(device_name(device)) if device != "cpu" else (None, "no MFU on CPU")
+    else:
+        source = "--peak_flops"
+    progress(f"bench on {device} ({device_name(device)}); MFU peak: {peak or 'none'} ({source})")
+    records = []
+    for cfg in settings:
+        for arm in arm_list:
+            model = build_model(build_config(arm.backbone, cfg.size, cfg.tokens, causal=arm.causal), seed=0).to(device)
+            if "train" in measure:
+                progress(f"{cfg.name} {arm.name}: training, batch {cfg.batch_size} x {cfg.seq_len}")
+                records.append(bench_training(model, arm, cfg, device, steps=steps, warmup=warmup, peak=peak))
+            if "sample" in measure:
+                progress(f"{cfg.name} {arm.name}: sampling, batch {cfg.sample_batch}, {cfg.gen_length} new tokens")
+                records += bench_sampling(model, arm, cfg, device)
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return records
+
+
+def format_records(records: list[dict]) -> str:
+    """An aligned text table of benchmark records."""
+    head = f"{'config':<12} {'arm':<10} {'measure':<10} {'mode':<9} {'steps':>5} {'passes':>6} {'block':>5} " \
+           f"{'batch':>5} {'seq':>5} {'tokens/s':>11} {'step s':>9} {'MFU':>6} {'peak GB':>8}"
+    lines = [head]
+    for r in records:
+        mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"{r['config'][:12]:<12} {r['arm']:<10} {r['measurement']:<10} {r.get('mode', '-'):<9} "
+                     f"{r.get('steps') or '-':>5} {r.get('forward_passes', '-'):>6} {r.get('block_length', '-'):>5} "
+                     f"{r['batch']:>5} {r['seq_len']:>5} "
+                     f"{r['tokens_per_s']:>11,.0f} {r['step_time_s']:>9.4f} {mfu_text:>6} {r['peak_memory_gb']:>8.2f}")
+    return "\n".join(lines)
+
+
+def write_records(records: list[dict], path: str | Path) -> Path:
+    """Write the records as a JSON list (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=2))
+    tmp.replace(path)
+    return path
