@@ -1,5 +1,8 @@
 """Tokenizers: a byte-level BPE trained on the study's text (cached by content hash) or a local HF folder.
 
+A BPE is trained on a bounded sample: the first `sample_bytes` (UTF-8) of the training documents in
+source order, so a corpus larger than memory still trains its tokenizer in bounded time and memory.
+
 Every tokenizer leaves here with pad, eos, mask and chat tokens and a chat template, because both
 arms of a matched study share one tokenizer and the diffusion arm needs a mask token.
 """
@@ -7,6 +10,9 @@ arms of a matched study share one tokenizer and the diffusion arm needs a mask t
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +23,7 @@ from dlmstudy.models.backbones import SpecialTokens
 
 EOS, PAD, MASK, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [EOS, PAD, MASK, IM_START, IM_END]
+SAMPLE_BYTES = 32 << 20  # BPE training text: ~30 s on one busy core of this machine (docs/data.md)
 # ChatML, the template Qwen2 uses; applied when a tokenizer brings none.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -64,29 +71,63 @@ def bpe_cache_key(texts: list[str], vocab_size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def get_tokenizer(kind: str, *, texts: list[str] | None = None, vocab_size: int = 1024,
-                  path: str | None = None, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
-    """The study's tokenizer: trained BPE (cached under cache_dir by content hash) or a local folder."""
+def bounded_sample(texts: Iterable[str], max_bytes: int) -> list[str]:
+    """The first documents of `texts` up to `max_bytes` of UTF-8 (the document that crosses the bound included)."""
+    sample, total = [], 0
+    for t in texts:
+        if total >= max_bytes:
+            break
+        sample.append(t)
+        total += len(t.encode())
+    return sample
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """Hash of everything that decides the ids: the fast backend's full JSON (vocab, merges, added tokens)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tok).__name__}:{len(tok)}:{text}".encode()).hexdigest()[:16]
+
+
+def get_tokenizer(kind: str, *, texts: Iterable[str] | None = None, vocab_size: int = 1024,
+                  path: str | None = None, cache_dir: Path | None = None,
+                  sample_bytes: int = SAMPLE_BYTES) -> PreTrainedTokenizerBase:
+    """The study's tokenizer: a BPE trained on the first `sample_bytes` of `texts` (cached under cache_dir by
+    content hash) or a local folder completed with the tokens an arm needs."""
     if kind == "pretrained":
         if not path or not Path(path).is_dir():
             raise UserError(f"tokenizer.path: tokenizer folder not found: {path}")
-        return complete_tokenizer(AutoTokenizer.from_pretrained(path))
+        try:
+            return complete_tokenizer(AutoTokenizer.from_pretrained(path))
+        except (OSError, ValueError) as err:
+            raise UserError(f"tokenizer.path: {path} is not a loadable tokenizer folder ({err})") from None
     if texts is None:
         raise ValueError("a BPE tokenizer needs training texts")
-    folder = cache_dir / f"tokenizer-{bpe_cache_key(texts, vocab_size)}" if cache_dir else None
+    sample = bounded_sample(texts, sample_bytes)
+    if not any(sample):
+        raise UserError("the corpus holds no text to train a BPE tokenizer on")
+    folder = cache_dir / f"tokenizer-{bpe_cache_key(sample, vocab_size)}" if cache_dir else None
     if folder is not None and (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
-    tok = train_bpe(texts, vocab_size)
+    tok = train_bpe(sample, vocab_size)
     if folder is not None:
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         tok.save_pretrained(tmp)
-        tmp.replace(folder)
+        try:
+            tmp.replace(folder)
+        except OSError:  # another process saved the same tokenizer first
+            shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 
 def special_tokens(tok: PreTrainedTokenizerBase, *, multiple_of: int = 64) -> SpecialTokens:
-    """Token ids for the model config; the embedding rows are rounded up to a multiple of 64."""
-    n = len(tok)
+    """Token ids for the model config; the embedding rows (every id, added tokens included) rounded up to 64."""
+    ids = {"pad": tok.pad_token_id, "eos": tok.eos_token_id, "mask": tok.mask_token_id}
+    if None in ids.values():
+        raise UserError(f"the tokenizer lacks a {next(k for k, v in ids.items() if v is None)} token")
+    if ids["mask"] in (ids["pad"], ids["eos"]):
+        raise UserError(f"the tokenizer's mask token (id {ids['mask']}) must differ from its pad and eos tokens")
+    n = max(len(tok), max(tok.all_special_ids) + 1)
     return SpecialTokens(vocab_size=multiple_of * ((n + multiple_of - 1) // multiple_of),
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         mask_token_id=tok.mask_token_id, bos_token_id=tok.bos_token_id)
+                         pad_token_id=ids["pad"], eos_token_id=ids["eos"],
+                         mask_token_id=ids["mask"], bos_token_id=tok.bos_token_id)

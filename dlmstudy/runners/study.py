@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.corpus import Corpus, corpus_streams, load_corpus
-from dlmstudy.data.packing import TokenStream, prefix_chunks
+from dlmstudy.data.packing import TokenStream
 from dlmstudy.data.tokenizer import get_tokenizer, special_tokens
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
