@@ -85,7 +85,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from dlmstudy.runners.bench import format_records, run_bench, write_records
 
     records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
-                        batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops)
+                        batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops,
+                        train_modes=a.train_modes)
     print(format_records(records))
     if a.json:
         print(f"records: {write_records(records, a.json)}")
@@ -141,20 +142,26 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 def add_decoding_flags(s: argparse.ArgumentParser) -> None:
     """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given")."""
-    s.add_argument("--model_name_or_path", required=True, help="checkpoint, finished run, LLaDA or HF Qwen2/Llama folder")
+    s.add_argument("--model_name_or_path", required=True,
+                   help="checkpoint, finished run, LLaDA or HF Qwen2/Llama folder")
     s.add_argument("--max_length", "--gen_length", dest="max_length", type=int, default=128,
                    help="tokens to generate (default 128)")
     s.add_argument("--steps", type=int, help="diffusion: sampling steps (default max_length)")
     s.add_argument("--block_length", type=int, help="diffusion: block length (default min(32, max_length))")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float, help="diffusion: classifier-free guidance scale (default 0)")
+    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float,
+                   help="diffusion: classifier-free guidance scale (default 0)")
     s.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion (default low_confidence)")
     s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident")
-    s.add_argument("--use_cache", action="store_true", default=None, help="diffusion, Fast-dLLM: per-block prefix KV cache")
+    s.add_argument("--use_cache", action="store_true", default=None,
+                   help="diffusion, Fast-dLLM: per-block prefix KV cache")
     s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")
-    s.add_argument("--chat_template", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap the prompt in the tokenizer's chat template (default on)")
-    s.add_argument("--show_steps", action="store_true", help="after each answer, show it step by step as it was unmasked")
+    s.add_argument("--chat_template", action="store_true", default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default)")
+    s.add_argument("--no_chat_template", dest="chat_template", action="store_false",
+                   help="raw prompts; chat then answers each line alone")
+    s.add_argument("--show_steps", action="store_true",
+                   help="after each answer, show it step by step as it was unmasked")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--seed", type=int, default=0)
 
@@ -214,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq_len", type=int, help="override the config's training sequence length")
     s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
+    s.add_argument("--train_modes", nargs="+", default=["plain"], choices=["plain", "fast", "fast-compiled", "fast-liger"],
+                   help="training paths to time (default plain)")
     s.add_argument("--json", help="write the records to this JSON file")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("generate", help="answer one prompt with a model (diffusion or AR), as the tutorial's generate.py")
+    s = sub.add_parser("generate", help="answer one prompt with a model (diffusion or AR), as the tutorial's generate")
     s.add_argument("--prompt", required=True)
     add_decoding_flags(s)
     s.set_defaults(func=cmd_generate)

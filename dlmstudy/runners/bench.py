@@ -158,11 +158,24 @@ def _timed(device: str, fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+# Training paths: the plain objective; the exact fast head (heads.py) eager, compiled, or through liger's kernel.
+TRAIN_MODES = {"plain": {}, "fast": {"fast_head": True}, "fast-compiled": {"fast_head": True, "compiled": True},
+               "fast-liger": {"fast_head": True, "backend": "liger"}}
+
+
 def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *, steps: int = 10,
-                   warmup: int = 3, peak: float | None = None) -> dict:
+                   warmup: int = 3, peak: float | None = None, mode: str = "plain") -> dict:
     """Median step time and tokens/s of the arm's training step on random tokens (the model is trained in place)."""
-    objective = build_objective(arm.objective, seed=0, **({"mask_id": cfg.tokens.mask_token_id}
-                                                          if arm.objective == "mdm" else {}))
+    if mode not in TRAIN_MODES:
+        raise UserError(f"unknown training mode {mode!r}; use {', '.join(TRAIN_MODES)}")
+    options = dict(TRAIN_MODES[mode])
+    if options.pop("compiled", False):
+        from dlmstudy.training.heads import compile_body
+
+        compile_body(model)
+        options["compiled"] = True
+    objective = build_objective(arm.objective, seed=0, **options,
+                                **({"mask_id": cfg.tokens.mask_token_id} if arm.objective == "mdm" else {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     B, L = cfg.batch_size, cfg.seq_len
     model.train()
@@ -186,7 +199,7 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
     tokens_per_s = B * L / step_time
     flops = flops_per_token(matmul_params(model), cfg.size.num_layers, cfg.size.hidden_size, L)
     model.eval()
-    return _record("train", arm, cfg, device, model, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
+    return _record("train", arm, cfg, device, model, mode=mode, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
                    step_time_s=step_time, mfu=mfu(tokens_per_s, flops, peak), flops_per_token=flops,
                    peak_flops=peak, peak_memory_gb=peak_memory(device) / 1e9, timed_steps=steps)
 
@@ -244,7 +257,7 @@ def bench_sampling(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
 def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), configs: Iterable[str] = ("tiny",),
               steps: int = 10, warmup: int = 3, batch_size: int | None = None, seq_len: int | None = None,
               measure: Iterable[str] = MEASUREMENTS, peak: float | None = None,
-              progress: Callable[[str], None] = print) -> list[dict]:
+              train_modes: Iterable[str] = ("plain",), progress: Callable[[str], None] = print) -> list[dict]:
     """Benchmark every (config, arm): one training record and the sampling records; returns them all."""
     if steps < 1 or warmup < 0:
         raise UserError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -262,10 +275,17 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
     records = []
     for cfg in settings:
         for arm in arm_list:
-            model = build_model(build_config(arm.backbone, cfg.size, cfg.tokens, causal=arm.causal), seed=0).to(device)
+            def fresh() -> torch.nn.Module:
+                return build_model(build_config(arm.backbone, cfg.size, cfg.tokens, causal=arm.causal), seed=0).to(device)
+
             if "train" in measure:
-                progress(f"{cfg.name} {arm.name}: training, batch {cfg.batch_size} x {cfg.seq_len}")
-                records.append(bench_training(model, arm, cfg, device, steps=steps, warmup=warmup, peak=peak))
+                for mode in train_modes:
+                    progress(f"{cfg.name} {arm.name}: training ({mode}), batch {cfg.batch_size} x {cfg.seq_len}")
+                    records.append(bench_training(fresh(), arm, cfg, device, steps=steps, warmup=warmup, peak=peak,
+                                                  mode=mode))
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            model = fresh()
             if "sample" in measure:
                 progress(f"{cfg.name} {arm.name}: sampling, batch {cfg.sample_batch}, {cfg.gen_length} new tokens")
                 records += bench_sampling(model, arm, cfg, device)

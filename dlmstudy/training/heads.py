@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
 from dlmstudy.errors import UserError
-from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics, batch_generator,
-                                          forward_process, sequence_noise)
+from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics)
 
 BACKENDS = ("chunked", "liger", "cce")
 REDUCTIONS = ("none", "sum")
@@ -244,19 +243,6 @@ class FastMDMObjective(MDMObjective):
     def __post_init__(self):
         super().__post_init__()
         check_head(self.chunk, self.backend)
-
-    def corrupt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """MDMObjective's noising of a batch: (input_ids, noisy, masked, p_mask, loss_mask or None)."""
-        input_ids = batch["input_ids"]
-        loss_mask = batch.get("loss_mask")
-        t, u = sequence_noise(batch, self.seed)
-        if loss_mask is None and self.random_length_ratio > 0:
-            g = batch_generator(batch, self.seed)
-            if torch.rand((), generator=g) < self.random_length_ratio:
-                length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=g))
-                input_ids, u = input_ids[:, :length], u[:, :length]
-        noisy, masked, p_mask = forward_process(input_ids, t, u, mask_id=self.mask_id, eps=self.eps, maskable=loss_mask)
-        return input_ids, noisy, masked, p_mask, loss_mask
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids, noisy, masked, p_mask, loss_mask = self.corrupt(batch)

@@ -135,7 +135,8 @@ class MDMObjective:
         if self.sft_norm not in SFT_NORMS:
             raise UserError(f"unknown SFT loss normalisation {self.sft_norm!r}; use {' or '.join(SFT_NORMS)}")
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+    def corrupt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The batch's noising: (input_ids, possibly cut to a random length; noisy; masked; p_mask; loss_mask or None)."""
         input_ids = batch["input_ids"]
         loss_mask = batch.get("loss_mask")
         t, u = sequence_noise(batch, self.seed)
@@ -145,6 +146,10 @@ class MDMObjective:
                 length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=g))
                 input_ids, u = input_ids[:, :length], u[:, :length]
         noisy, masked, p_mask = forward_process(input_ids, t, u, mask_id=self.mask_id, eps=self.eps, maskable=loss_mask)
+        return input_ids, noisy, masked, p_mask, loss_mask
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        input_ids, noisy, masked, p_mask, loss_mask = self.corrupt(batch)
         logits = model(input_ids=noisy).logits
         if loss_mask is None:
             loss = mdm_loss(logits, input_ids, masked, p_mask)
@@ -174,8 +179,16 @@ class ARObjective:
 OBJECTIVES: dict[str, Callable[..., object]] = {"mdm": MDMObjective, "ar": ARObjective}
 
 
-def build_objective(name: str, **settings) -> MDMObjective | ARObjective:
-    """An objective by registry name with its settings (unknown settings are errors)."""
+def build_objective(name: str, *, fast_head: bool = False, **settings) -> MDMObjective | ARObjective:
+    """An objective by registry name with its settings (unknown settings are errors).
+
+    `fast_head` picks the exact fast path of `dlmstudy.training.heads` (output head only where a loss is
+    taken, chunked linear + cross-entropy); settings `chunk`, `backend`, `compiled` belong to it.
+    """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    if fast_head:
+        from dlmstudy.training.heads import FAST_OBJECTIVES
+
+        return FAST_OBJECTIVES[name](**settings)
     return OBJECTIVES[name](**settings)
