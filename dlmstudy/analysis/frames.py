@@ -230,6 +230,19 @@ def _read_run(run_dir: Path, result: dict, notes: list[str]) -> dict[str, list]:
     return out
 
 
+def _read_sft_run(run_dir: Path, result: dict, notes: list[str]) -> dict[str, list]:
+    """A study's own SFT run folder: its evaluations after every epoch and its training curve.
+
+    The trainer sees the k SFT epochs as one pass, so its logged `epoch` (0..1) is scaled by k."""
+    k = result.get("sft_epochs", 1)
+    curve = _read_jsonl(run_dir / "scalars.jsonl", notes) if (run_dir / "scalars.jsonl").exists() else []
+    curve = [{**row, "epoch": row.get("epoch", np.nan) * k} for row in curve]
+    tag = {"run_id": result["run_id"], "arm": result["arm"], "sft": f"{k} epoch{'s' if k > 1 else ''}",
+           "parent": result.get("parent")}
+    evals = [{**tag, **row} for row in curve if "val_loss" in row]
+    return {"sft": evals, "sft_scalars": [{**tag, **row} for row in curve]}
+
+
 def _frame(parts: list) -> pd.DataFrame:
     """Rows (dicts) or frames gathered from all runs as one frame."""
     if parts and isinstance(parts[0], pd.DataFrame):
@@ -246,9 +259,14 @@ def load_study(folder: str | Path) -> StudyFrames:
     run_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_")
                       and ((p / "run.json").exists() or (p / "result.json").exists()))
     parts: dict[str, list] = {}
+    sft_done: set[str] = set()
     for run_dir in run_dirs:
         result = _read_json(run_dir / "result.json", notes) if (run_dir / "result.json").exists() else None
-        if isinstance(result, dict) and "run_id" in result:
+        if isinstance(result, dict) and result.get("stage") == "sft":
+            sft_done.add(result["run_id"])
+            for key, rows in _read_sft_run(run_dir, result, notes).items():
+                parts.setdefault(key, []).extend(rows)
+        elif isinstance(result, dict) and "run_id" in result:
             for key, rows in _read_run(run_dir, result, notes).items():
                 parts.setdefault(key, []).extend(rows)
     for sft_dir in sorted(p for p in (folder / "sft").glob("*") if p.is_dir()):  # SFT of models from elsewhere
@@ -263,7 +281,7 @@ def load_study(folder: str | Path) -> StudyFrames:
         runs = runs.assign(**{c: np.nan for c in OPTIONAL_RESULT_COLUMNS if c not in runs})
         runs["backbone"] = runs["backbone"].fillna(runs["arm"]) if "backbone" in runs else runs["arm"]
         runs["flops"] = training_flops(runs["params_non_embedding"], runs["tokens"])
-    done = set(runs["run_id"]) if len(runs) else set()
+    done = (set(runs["run_id"]) if len(runs) else set()) | sft_done
     planned_ids = {row["run_id"] for row in index.get("runs", [])}
     missing_runs = pd.DataFrame([{**row, "status": _run_status(folder / row["run_id"])}
                                  for row in index.get("runs", []) if row["run_id"] not in done]

@@ -22,6 +22,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from dlmstudy.data.biographies import QAItem
+from dlmstudy.errors import UserError
 from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
 from dlmstudy.evaluation.qa import DecodeSettings, accuracy_by_direction, answer_questions
 from dlmstudy.evaluation.validation import LOSS_KIND, validation_loss
@@ -136,14 +137,15 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
     val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
     model = build_model(build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal), seed=spec.seed)
     ts = spec.training
-    objective = build_objective(run.arm.objective, seed=spec.seed, **(
+    fast = {"fast_head": True, "chunk": ts.head_chunk} if ts.fast_head else {}
+    objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
         if run.arm.objective == "mdm" else {}))
     arguments = default_arguments(run.config, len(train_set), device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = arguments["per_device_train_batch_size"] * arguments["gradient_accumulation_steps"] * world * L
     ev = spec.evaluation
-    n_val = min(len(val_ids), ts.eval_batches * arguments["per_device_train_batch_size"])
+    n_val = min(len(val_ids), ts.eval_batches * arguments["per_device_train_batch_size"]) or len(val_ids)
 
     def during_training(m):
         return validation_loss(m, run.arm.objective, val_ids[:n_val], mask_id=data.tokens.mask_token_id,
@@ -205,6 +207,9 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
     ev = spec.evaluation
     include = ev.lm_eval.include_path
     if include is None and any(t.startswith("bio") for t in ev.lm_eval.tasks):
+        if not probes:
+            raise UserError("the bio_* lm_eval tasks need the built-in biographies (data.pretrain.source: "
+                            "builtin:biographies); give other tasks or evaluation.lm_eval.include_path")
         names = {q.person for q in probes}
         people = [p for p in generate_people(spec.data.pretrain.people, seed=spec.data.seed) if p.name in names]
         include = write_tasks(run.dir.parent / "_cache" / "lm_eval_tasks", people,
@@ -232,14 +237,18 @@ def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes:
     tmp.replace(final)
     metrics = evaluate_run(model, run, spec, data, probes, device)
     scalars = read_scalars(run.dir)
-    val_curve = [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
-    result = {"run_id": run.run_id, "arm": run.arm.name, "backbone": run.arm.backbone,
+    val_curve = [v for v in [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
+                 if math.isfinite(v)]
+    diverged = not math.isfinite(metrics["final_val_loss"])
+    if diverged:
+        progress(f"{run.run_id}: DIVERGED (non-finite validation loss); the report lists it and leaves it out of fits")
+    result = {"run_id": run.run_id, "arm": run.arm.name, "backbone": run.arm.backbone, "diverged": diverged,
               "objective": run.arm.objective, "sampler": run.arm.sampler,
               "params_total": run.params.total, "params_non_embedding": run.params.non_embedding,
               "params_embedding": run.params.embedding, "params_output_head": run.params.output_head,
               "unique_tokens": run.unique_tokens, "unique_people": run.config["unique_people"],
               "epochs": run.epochs, "tokens": run.total_tokens, "val_loss_kind": LOSS_KIND[run.arm.objective],
-              "best_val_loss": min(val_curve), **metrics, **train_metrics,
+              "best_val_loss": min(val_curve, default=float("nan")), **metrics, **train_metrics,
               "wall_time_s": time.time() - started, "device": device}
     write_json_atomic(run.dir / RESULT_FILE, result)
     shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)

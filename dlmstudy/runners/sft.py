@@ -16,7 +16,7 @@ import torch
 
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.packing import epoch_order
-from dlmstudy.data.sft import SFTCollator, SFTDataset, alpaca_messages, load_sft_dataset
+from dlmstudy.data.sft import SFTCollator, SFTDataset, alpaca_messages, load_sft_dataset, read_alpaca_rows
 from dlmstudy.errors import UserError
 from dlmstudy.evaluation.qa import DecodeSettings, accuracy_by_direction, answer_questions
 from dlmstudy.evaluation.validation import LOSS_KIND
@@ -24,7 +24,7 @@ from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
 from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.runners.run import RESULT_FILE, default_arguments, fit, write_json_atomic
 from dlmstudy.runners.study import Run, StudyData, study_dir
-from dlmstudy.study.plan import run_id
+from dlmstudy.study.plan import config_digest
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.lora import apply_lora
 from dlmstudy.training.objectives import build_objective
@@ -68,7 +68,7 @@ def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
                 config = {"stage": "sft", "study": spec.name, "arm": name, "base": str(base), "parent": parent,
                           "sft_epochs": epochs, "seed": spec.seed, "sft": sft.model_dump(exclude={"epochs", "base"}),
                           "training": {**sft.arguments}, "evaluation": spec.evaluation.model_dump()}
-                rid = "sft-" + run_id({**config, "unique_tokens": 0, "epochs": epochs})
+                rid = f"sft-{name}_e{epochs}_{config_digest(config)}"
                 out.append(SFTRun(rid, arm, base, parent, epochs, config, study_dir(spec) / rid))
     return out
 
@@ -98,7 +98,10 @@ def sft_splits(spec: StudySpec, data: StudyData, tokenizer):
                           load_preprocessed_data=sft.load_preprocessed_data, cache_dir=cache, seed=spec.seed)
     if "test" not in dd:
         raise UserError(f"sft.source {sft.source}: no held-out rows; use the slice syntax, e.g. path[train:3000,test:200]")
-    return dd["train"], dd["test"], None
+    held_out = [] if sft.load_preprocessed_data else read_alpaca_rows(sft.source, seed=spec.seed).get("test", [])
+    probes = [QAItem("", "answer", "held-out", r["instruction"], r["output"], r.get("input", "") or "")
+              for r in held_out[: sft.validation_rows]]
+    return dd["train"], dd["test"], probes
 
 
 def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem],
@@ -109,7 +112,8 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     started = time.time()
     model, tokenizer, _ = load_pretrained(run.base, device="cpu", dtype=None if device == "cpu" else torch.bfloat16)
     tokenizer = tokenizer or data.tokenizer
-    train_rows, val_rows, _ = sft_splits(spec, data, tokenizer)
+    train_rows, val_rows, held_out = sft_splits(spec, data, tokenizer)
+    probes = probes if held_out is None else held_out
     sft = spec.sft
     if sft.lora:
         model = apply_lora(model, r=sft.r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
@@ -117,7 +121,8 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     train_set = SFTDataset(train_rows, epoch_order(len(train_rows), run.epochs, seed=spec.seed))
     val_set = SFTDataset(val_rows, np.arange(len(val_rows)))
     collate = SFTCollator(tokenizer.eos_token_id)
-    objective = build_objective(run.arm.objective, seed=spec.seed, **(
+    fast = {"fast_head": True, "chunk": spec.training.head_chunk} if spec.training.fast_head else {}
+    objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": tokenizer.mask_token_id, "sft_norm": sft.loss_norm} if run.arm.objective == "mdm" else {}))
     config = {**run.config, "training": {"learning_rate": 1e-4, **run.config["training"]}}
     arguments = default_arguments(config, len(train_set), device)
@@ -135,7 +140,8 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
         if probes:
             rows = answer_questions(m, tokenizer, probes, sampler=run.arm.sampler, settings=settings,
                                     prompt_fn=lambda q: sft_prompt(tokenizer, q))
-            out.update({f"accuracy_{d}": a for d, a in accuracy_by_direction(rows).items()})
+            out["accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+            out.update({f"accuracy_{d}": a for d, a in accuracy_by_direction(rows).items() if a == a})
         return out
 
     trained, train_metrics = fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set,

@@ -71,9 +71,9 @@ def prepare_data(spec: StudySpec, *, progress=print) -> StudyData:
     corpus = load_corpus(src.source, text_field=src.text_field, people=src.people,
                          per_person=src.biographies_per_person, qa_fraction=src.qa_fraction, seed=spec.data.seed)
     tok = get_tokenizer(spec.tokenizer.kind, texts=corpus.tokenizer_texts(), vocab_size=spec.tokenizer.vocab_size,
-                        path=spec.tokenizer.path, cache_dir=cache)
+                        path=spec.tokenizer.path, cache_dir=cache, sample_bytes=spec.tokenizer.sample_bytes)
     train, val = corpus_streams(corpus, tok, cache, validation_tokens=spec.data.validation_tokens,
-                                insert_eos=spec.data.insert_eos)
+                                insert_eos=spec.data.insert_eos, num_proc=spec.data.num_proc)
     L = spec.data.max_length
     n_val = min(len(val) // L, max(1, spec.data.validation_tokens // L))
     if n_val == 0:
@@ -147,7 +147,7 @@ def _runs_at_size(spec: StudySpec, data: StudyData, arms: list[Arm], sizes: dict
                 "unique_tokens": u, "unique_people": setting.unique if setting.unit == "people" else None,
                 "epochs": round(epochs, 6), "total_tokens": round(epochs * (u // L)) * L, "max_length": L,
                 "data_seed": spec.data.seed, "training": training_arguments(spec, arm),
-                "objective_settings": spec.training.model_dump(exclude={"arguments"}),
+                "objective_settings": spec.training.model_dump(exclude={"arguments", "fast_head", "head_chunk"}),
                 "evaluation": spec.evaluation.model_dump(), "device": spec.device,
                 "params": counts[arm.name].as_dict(), "params_target": target,
             }

@@ -46,9 +46,14 @@ def short_count(n: float) -> str:
     return f"{n:g}"
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """A short hash of a fully resolved config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def run_id(config: dict[str, Any]) -> str:
     """A readable label plus a hash of the fully resolved config: same config, same id."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = config_digest(config)
     label = f"{config['arm']}_u{short_count(config['unique_tokens'])}_r{config['epochs']:.3g}"
     if config.get("params_target"):
         label += f"_n{short_count(config['params_target'])}"

@@ -36,6 +36,7 @@ class TokenizerSpec(Strict):
     kind: Literal["bpe", "pretrained"] = "bpe"
     vocab_size: int = Field(1024, ge=300)
     path: str | None = None
+    sample_bytes: int = Field(32 << 20, ge=1 << 16, description="BPE: train on the first this many bytes of text")
 
     @model_validator(mode="after")
     def _path_for_pretrained(self) -> "TokenizerSpec":
@@ -62,7 +63,15 @@ class DataSpec(Strict):
     max_length: int = Field(128, ge=8)
     drop_tail: bool = True
     insert_eos: bool = True
+    num_proc: int = Field(1, ge=1, description="worker processes for tokenization")
     seed: int = 0
+
+    @field_validator("drop_tail")
+    @classmethod
+    def _full_sequences(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("drop_tail: false is not supported for pretraining (the objectives assume full sequences)")
+        return v
 
 
 class ModelSpec(Strict):
@@ -111,7 +120,11 @@ class TrainingSpec(Strict):
     random_length_ratio: float = Field(0.01, ge=0.0, le=1.0, description="LLaDA: share of batches cut to a random length")
     mask_eps: float = Field(1e-3, gt=0.0, lt=1.0)
     eval_every: int = Field(0, ge=0, description="validation loss every N optimizer steps (0: ~8 times per run)")
-    eval_batches: int = Field(4, ge=1)
+    eval_batches: int = Field(0, ge=0, description="validation during training on this many batches; 0: the whole "
+                              "validation set, the same sequences as the final evaluation (so best and final compare)")
+    fast_head: bool = Field(False, description="exact fast path: output head only where a loss is taken, chunked "
+                            "linear+cross-entropy (docs/performance.md); not part of the run id")
+    head_chunk: int = Field(2048, ge=0)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 

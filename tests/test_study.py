@@ -1,0 +1,111 @@
+"""End to end on a tiny built-in study: runs, skip of finished runs, resume after a kill, report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from dlmstudy.analysis.frames import load_study
+from dlmstudy.reports.render import build_report
+from dlmstudy.runners import queue
+from dlmstudy.study.spec import parse_spec
+
+TINY = {
+    "name": "tiny", "seed": 0, "device": "cpu",
+    "tracking": {"report_to": "swanlab", "mode": "offline"},
+    "tokenizer": {"kind": "bpe", "vocab_size": 320},
+    "data": {"pretrain": {"source": "builtin:biographies", "people": 80}, "validation_tokens": 256, "max_length": 32},
+    "arms": ["llada", "qwen"],
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    "grid": {"unique_people": [20, 60], "total_tokens": 2048},
+    "training": {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_batches": 1},
+    "evaluation": {"mc_num": 2, "qa_people": 2, "steps": 4, "gen_length": 4, "block_length": 4, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    spec = parse_spec({**TINY, "runs_dir": str(root / "runs"), "reports_dir": str(root / "reports")})
+    results = queue.run_queue(spec, progress=lambda m: None)
+    return spec, root, results
+
+
+@pytest.mark.slow
+def test_every_run_finishes_with_result_and_contracted_files(finished):
+    spec, root, results = finished
+    assert len(results) == 4 and {r["arm"] for r in results} == {"llada", "qwen"}
+    tokens = {r["tokens"] for r in results}
+    assert tokens == {2048}, "both data settings spend the same total tokens"
+    for r in results:
+        run = root / "runs" / "tiny" / r["run_id"]
+        for name in ("run.json", "result.json", "scalars.jsonl", "checkpoint/dlmstudy.json", "eval/qa_samples.jsonl"):
+            assert (run / name).exists(), name
+        assert not (run / "checkpoints").exists(), "intermediate checkpoints are removed once the run is done"
+        assert r["val_loss_kind"] == ("exact NLL" if r["objective"] == "ar" else "ELBO (upper bound on NLL)")
+        assert r["params_total"] > r["params_non_embedding"] > 0
+        assert list((run / "swanlog").glob("run-*/*.swanlab")), "SwanLab offline log written"
+        scalars = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+        assert any("val_loss" in s for s in scalars) and any("loss" in s for s in scalars)
+
+
+@pytest.mark.slow
+def test_both_arms_of_a_setting_see_identical_batches(finished):
+    spec, root, results = finished
+    by_setting = {}
+    for r in results:
+        cfg = json.loads((root / "runs" / "tiny" / r["run_id"] / "run.json").read_text())
+        by_setting.setdefault(cfg["unique_tokens"], []).append(cfg)
+    for cfgs in by_setting.values():
+        keys = ("unique_tokens", "epochs", "total_tokens", "data_fingerprint", "data_seed", "training", "max_length")
+        assert all(c[k] == cfgs[0][k] for c in cfgs for k in keys)
+
+
+@pytest.mark.slow
+def test_second_invocation_skips_finished_runs(finished, monkeypatch):
+    spec, root, _ = finished
+    monkeypatch.setattr("dlmstudy.runners.run.execute_run", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    said = []
+    results = queue.run_queue(spec, progress=said.append)
+    assert len(results) == 4
+    assert sum("finished earlier, skipped" in m for m in said) == 4
+
+
+@pytest.mark.slow
+def test_report_holds_run_table_figures_and_claim_section(finished):
+    spec, root, _ = finished
+    out = build_report(root / "runs" / "tiny", root / "reports" / "tiny")
+    text = out.read_text()
+    assert "## Runs" in text and "non-emb" in text
+    assert (out.parent / "report.html").exists() and (out.parent / "figures" / "loss_vs_tokens.png").exists()
+    assert (out.parent / "tables" / "runs.csv").exists()
+    assert "does and does not show" in text
+    frames = load_study(root / "runs" / "tiny")
+    assert not frames.missing and len(frames.runs) == 4
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_finishes(tmp_path):
+    spec_path = tmp_path / "tiny.yaml"
+    raw = {**TINY, "name": "killed", "grid": {"unique_people": [20], "total_tokens": 4096}, "arms": ["llada"],
+           "training": {**TINY["training"], "save_steps": 2}}
+    spec_path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "dlmstudy.cli", "run", str(spec_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "runs" / "killed").glob("*/checkpoints/*/COMPLETE")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((tmp_path / "runs" / "killed").glob("*/checkpoints/*/COMPLETE")), "no checkpoint before the kill"
+    assert not list((tmp_path / "runs" / "killed").glob("*/result.json"))
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from checkpoint-" in done.stdout
+    assert len(list((tmp_path / "runs" / "killed").glob("*/result.json"))) == 1
