@@ -19,13 +19,6 @@ LN2 = math.log(2)
 V, MASK = 4, 3  # vocabulary of 4 ids; id 3 is the mask token
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and thread hand-offs on busy shared cores cost more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits_for(targets: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

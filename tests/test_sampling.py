@@ -27,15 +27,6 @@ def tiny_model(causal: bool, backbone: str = "llada"):
     return build_model(config, seed=0).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared two-core machine thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mdm():
     return tiny_model(causal=False)

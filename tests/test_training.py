@@ -29,13 +29,6 @@ TINY = ModelSize(hidden_size=32, num_layers=2, num_heads=4)
 L = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the same reduction order every time, and polite on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(objective: str):
