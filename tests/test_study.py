@@ -20,11 +20,12 @@ TINY = {
     "tracking": {"report_to": "swanlab", "mode": "offline"},
     "tokenizer": {"kind": "bpe", "vocab_size": 320},
     "data": {"pretrain": {"source": "builtin:biographies", "people": 80}, "validation_tokens": 256, "max_length": 32},
-    "arms": ["llada", "qwen"],
+    "arms": ["llada", "qwen", "qwen-ar-reg"],
     "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
     "grid": {"unique_people": [20, 60], "total_tokens": 2048},
     "training": {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_batches": 1},
-    "evaluation": {"mc_num": 2, "qa_people": 2, "steps": 4, "gen_length": 4, "block_length": 4, "batch_size": 16},
+    "evaluation": {"mc_num": 2, "qa_people": 2, "steps": 4, "gen_length": 4, "block_length": 4, "batch_size": 16,
+                   "lm_eval": {"tasks": ["bio_qa_forward", "bio_mc"], "limit": 2}},
 }
 
 
@@ -39,7 +40,7 @@ def finished(tmp_path_factory):
 @pytest.mark.slow
 def test_every_run_finishes_with_result_and_contracted_files(finished):
     spec, root, results = finished
-    assert len(results) == 4 and {r["arm"] for r in results} == {"llada", "qwen"}
+    assert len(results) == 6 and {r["arm"] for r in results} == {"llada", "qwen", "qwen-ar-reg"}
     tokens = {r["tokens"] for r in results}
     assert tokens == {2048}, "both data settings spend the same total tokens"
     for r in results:
@@ -62,8 +63,32 @@ def test_both_arms_of_a_setting_see_identical_batches(finished):
         cfg = json.loads((root / "runs" / "tiny" / r["run_id"] / "run.json").read_text())
         by_setting.setdefault(cfg["unique_tokens"], []).append(cfg)
     for cfgs in by_setting.values():
-        keys = ("unique_tokens", "epochs", "total_tokens", "data_fingerprint", "data_seed", "training", "max_length")
+        keys = ("unique_tokens", "epochs", "total_tokens", "data_fingerprint", "data_seed", "max_length")
         assert all(c[k] == cfgs[0][k] for c in cfgs for k in keys)
+        same = [c["training"] for c in cfgs if c["arm"] in ("llada", "qwen")]
+        assert len(same) == 2 and same[0] == same[1], "the headline arms share every training argument"
+
+
+@pytest.mark.slow
+def test_regularised_ar_control_trains_with_its_overrides(finished):
+    spec, root, results = finished
+    for r in results:
+        cfg = json.loads((root / "runs" / "tiny" / r["run_id"] / "run.json").read_text())
+        regularised = r["arm"] == "qwen-ar-reg"
+        assert cfg["size"]["dropout"] == (0.1 if regularised else 0.0)
+        assert cfg["training"].get("weight_decay", 0.0) == (0.1 if regularised else 0.0)
+    qwen = {r["unique_tokens"]: r["params_non_embedding"] for r in results if r["arm"] == "qwen"}
+    assert all(r["params_non_embedding"] == qwen[r["unique_tokens"]] for r in results if r["arm"] == "qwen-ar-reg")
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_offline_on_the_built_in_tasks_for_each_arm(finished):
+    spec, root, results = finished
+    for r in results:
+        assert set(r["lm_eval"]) == {"bio_qa_forward", "bio_mc"}, r["arm"]
+        assert 0.0 <= r["lm_eval"]["bio_mc"]["acc,none"] <= 1.0
+        run = root / "runs" / "tiny" / r["run_id"] / "eval" / "lm_eval"
+        assert (run / "results.json").exists() and list(run.glob("samples_*.jsonl"))
 
 
 @pytest.mark.slow
@@ -72,8 +97,8 @@ def test_second_invocation_skips_finished_runs(finished, monkeypatch):
     monkeypatch.setattr("dlmstudy.runners.run.execute_run", lambda *a, **k: pytest.fail("a finished run was retrained"))
     said = []
     results = queue.run_queue(spec, progress=said.append)
-    assert len(results) == 4
-    assert sum("finished earlier, skipped" in m for m in said) == 4
+    assert len(results) == 6
+    assert sum("finished earlier, skipped" in m for m in said) == 6
 
 
 @pytest.mark.slow
@@ -86,7 +111,7 @@ def test_report_holds_run_table_figures_and_claim_section(finished):
     assert (out.parent / "tables" / "runs.csv").exists()
     assert "does and does not show" in text
     frames = load_study(root / "runs" / "tiny")
-    assert not frames.missing and len(frames.runs) == 4
+    assert not frames.missing and len(frames.runs) == 6
 
 
 @pytest.mark.slow
