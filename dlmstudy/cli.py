@@ -26,42 +26,89 @@ def default_spec() -> str:
 
 def cmd_run(a: argparse.Namespace) -> None:
     from dlmstudy.reports.render import build_report
+    from dlmstudy.runners.launch import is_launched, process_rank, relaunch
     from dlmstudy.runners.queue import run_queue
     from dlmstudy.runners.run import Interrupted
     from dlmstudy.study.spec import load_spec
 
     spec = load_spec(a.spec or default_spec())
+    if a.num_processes > 1 and not is_launched():
+        raise SystemExit(relaunch(a.argv, num_processes=a.num_processes, config=a.launch_config,
+                                  device=a.device or spec.device))
     try:
         run_queue(spec, only=a.only, device=a.device, max_minutes=a.max_minutes)
     except Interrupted as stop:
         print(f"dlmstudy: {stop}", file=sys.stderr)
         raise SystemExit(143) from None
-    out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
-    print(f"report: {out} (and report.html beside it)")
+    if process_rank() == 0:
+        out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
+        print(f"report: {out} (and report.html beside it)")
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
-    from dlmstudy.runners.study import prepare_data, resolve_runs
+    from dlmstudy.runners.study import estimate_runs, plan_study
+    from dlmstudy.study.estimate import SHIPPED_BENCH, format_duration, load_bench
     from dlmstudy.study.plan import short_count
     from dlmstudy.study.spec import load_spec
 
     spec = load_spec(a.spec or default_spec())
-    data = prepare_data(spec, progress=lambda m: None)
-    runs = resolve_runs(spec, data)
-    rows = [{"run_id": r.run_id, "arm": r.arm.name, "params_total": r.params.total,
-             "params_non_embedding": r.params.non_embedding, "unique_tokens": r.unique_tokens,
-             "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens} for r in runs]
+    plan = plan_study(spec)
+    bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.exists() else None)
+    estimates = estimate_runs(spec, plan.runs, load_bench(bench) if bench else [], device_name=a.device_name)
+    rows = [{"stage": "pretrain", "run_id": r.run_id if plan.exact_ids else None, "label": r.run_id,
+             "arm": r.arm.name, "params_total": r.params.total, "params_non_embedding": r.params.non_embedding,
+             "unique_tokens": r.unique_tokens, "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens,
+             "n_matmul": e.n_matmul, "flops": e.flops, "flops_per_token": e.flops_per_token, "est_seconds": e.seconds,
+             "bench_record": e.record.describe() if e.record else None} for r, e in zip(plan.runs, estimates)]
+    sft_rows = [{"stage": "sft", "run_id": r.run_id if plan.exact_ids or r.parent is None else None,
+                 "label": r.run_id if r.parent is None else f"sft-{r.arm.name}_e{r.epochs}", "arm": r.arm.name,
+                 "base": str(r.base) if r.parent is None else f"pretraining run {r.parent}", "parent": r.parent,
+                 "sft_epochs": r.epochs} for r in plan.sft_runs]
     if a.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + sft_rows, indent=2))
+        for m in plan.missing:
+            print(f"missing: {m}", file=sys.stderr)
         return
-    ne = [r.params.non_embedding for r in runs]
-    print(f"study {spec.name}: {len(runs)} runs; non-embedding parameters {min(ne):,} to {max(ne):,} "
-          f"(deviation {max(ne) / min(ne) - 1:.2%}, tolerance {spec.model.match_tolerance:.0%})")
-    print(f"{'run':<40} {'arm':<12} {'params':>10} {'non-emb':>10} {'unique':>9} {'epochs':>7} {'total':>9}")
+    print(f"study {spec.name}: {len(rows)} pretraining runs" + (f", {len(sft_rows)} SFT runs" if sft_rows else ""))
+    print(plan.vocabulary)
+    if rows:
+        ne = [r["params_non_embedding"] for r in rows]
+        print(f"non-embedding parameters {min(ne):,} to {max(ne):,} "
+              f"(deviation {max(ne) / min(ne) - 1:.2%}, tolerance {spec.model.match_tolerance:.0%})")
+        print("FLOPs = 6 N D, N = matmul weights with the output head (as dlmstudy bench counts; the report's "
+              "FLOPs use non-embedding N)")
+        print(f"time: training steps on one device (no evaluation, checkpoints or start-up), from "
+              f"{bench or 'no bench file (pass --bench FILE)'}")
+        print(f"{'run':<40} {'arm':<12} {'params':>8} {'non-emb':>8} {'unique':>8} {'epochs':>7} {'total':>8} "
+              f"{'FLOPs':>8} {'time':>8}")
     for r in rows:
-        print(f"{r['run_id']:<40} {r['arm']:<12} {short_count(r['params_total']):>10} "
-              f"{short_count(r['params_non_embedding']):>10} {short_count(r['unique_tokens']):>9} "
-              f"{r['epochs']:>7g} {short_count(r['total_tokens']):>9}")
+        print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} {short_count(r['params_total']):>8} "
+              f"{short_count(r['params_non_embedding']):>8} {short_count(r['unique_tokens']):>8} {r['epochs']:>7g} "
+              f"{short_count(r['total_tokens']):>8} {r['flops']:>8.3g} {format_duration(r['est_seconds']):>8}")
+    if rows and not plan.exact_ids:
+        print("run ids: labels only; the hash that ends each id covers the data, fixed when they are tokenized")
+    for (arm, objective, record), e in {(r.arm.name, r.arm.objective, e.record): e
+                                        for r, e in zip(plan.runs, estimates)}.items():
+        if record is None:
+            where = f" on {a.device_name}" if a.device_name else ""
+            print(f"time of {arm}: no bench record of objective {objective}{where}")
+            continue
+        print(f"time of {arm}: {record.describe()}; at {e.flops_per_token / 1e6:,.0f}M FLOPs/token "
+              f"{e.tokens_per_s:,.0f} tokens/s")
+        if e.batch < record.batch:
+            print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
+                  "smaller batches run below the record's MFU, so read the time as a lower bound")
+    if rows:
+        known = [e.seconds for e in estimates if e.seconds is not None]
+        time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
+        print(f"total: {short_count(sum(r['total_tokens'] for r in rows))} tokens, "
+              f"{sum(e.flops for e in estimates):.3g} FLOPs{time}")
+    lora = f", LoRA r {spec.sft.r}" if spec.sft and spec.sft.lora else ""
+    for r in sft_rows:
+        print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} SFT {r['sft_epochs']} epochs from {r['base']}{lora}; "
+              "time not estimated (no bench record of SFT)")
+    for m in plan.missing:
+        print(f"missing: {m}")
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -176,11 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", action="append", help="select runs: arm=NAME, unique_tokens=N, epochs=R, stage=pretrain|sft, run_id=PREFIX")
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="override the spec's device")
     s.add_argument("--max_minutes", type=float, help="start no new run after this many minutes (chunked work)")
+    s.add_argument("--num_processes", type=int, default=1,
+                   help="train each run on N devices (re-runs this command under accelerate launch)")
+    s.add_argument("--launch_config", help="ddp, fsdp2, zero2, multi-npu or an accelerate config file "
+                   "(default ddp; multi-npu on npu)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="print the expanded run matrix without training")
     s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
-    s.add_argument("--json", action="store_true", help="print JSON rows")
+    s.add_argument("--json", action="store_true", help="print JSON rows (missing inputs go to stderr)")
+    s.add_argument("--bench", help="dlmstudy bench --json file to time the runs by (default: the shipped H200 records)")
+    s.add_argument("--device_name", help="time by bench records of this device only (a substring, e.g. H200)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("report", help="rebuild a study's report from its run folders (never retrains)")
@@ -241,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         args.func(args)
     except UserError as err:

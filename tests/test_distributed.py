@@ -143,3 +143,27 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, required=True)
     a = parser.parse_args()
     train(a.out, a.batch)
+
+
+@pytest.mark.slow
+def test_dlmstudy_run_on_two_processes_matches_one_process(tmp_path):
+    """`dlmstudy run --num_processes 2` (gloo, 8 rows a process) ends where one process with 16 rows ends."""
+    import yaml
+
+    from tests.test_study import TINY
+
+    losses = {}
+    for procs, batch in ((1, 16), (2, 8)):
+        folder = tmp_path / f"p{procs}"
+        folder.mkdir()
+        raw = {**TINY, "name": "ddp", "arms": ["qwen"], "grid": {"unique_people": [20], "total_tokens": 4096},
+               "evaluation": {**TINY["evaluation"], "qa_people": 0, "lm_eval": {"tasks": []}},
+               "training": {**TINY["training"], "per_device_train_batch_size": batch}}
+        (folder / "spec.yaml").write_text(yaml.safe_dump(raw))
+        cmd = [sys.executable, "-m", "dlmstudy.cli", "run", "spec.yaml", "--device", "cpu", "--num_processes", str(procs)]
+        done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (result,) = [json.loads(p.read_text()) for p in (folder / "runs" / "ddp").glob("*/result.json")]
+        assert result["tokens_per_step"] == 16 * 32
+        losses[procs] = result["final_val_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)

@@ -20,14 +20,15 @@ TINY = {"name": "tiny", "tokenizer": {"kind": "bpe", "vocab_size": 320}, "data":
 
 
 def bench_record(device: str, objective: str, tokens_per_s: float, flops_per_token: float, **extra) -> dict:
-    return {"measurement": "train", "device_name": device, "config": "seed-100m", "arm": "llada" if objective == "mdm"
-            else "qwen", "objective": objective, "mode": "plain", "batch": 16, "seq_len": 1024,
+    arm = "llada" if objective == "mdm" else "qwen"
+    return {"measurement": "train", "device_name": device, "config": "seed-100m", "arm": arm,
+            "objective": objective, "mode": "plain", "batch": 16, "seq_len": 1024,
             "tokens_per_s": tokens_per_s, "mfu": 0.2, "flops_per_token": flops_per_token, **extra}
 
 
 @pytest.fixture
 def empty_dir(tmp_path, monkeypatch):
-    """A folder without the tutorial's data, tokenizer or models, and the offline variables main() sets restored after."""
+    """A folder without the tutorial's data, tokenizer or models; the offline variables main() sets are restored."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -101,7 +102,7 @@ def test_plan_takes_the_vocabulary_from_a_tokenizer_folder(empty_dir, capsys):
     assert main(["plan", "tiny.yaml"]) == 0
     line = capsys.readouterr().out.splitlines()[1]
     vocab = 64 * -(-len(tok) // 64)
-    assert len(tok) < 384 and line == f"vocabulary {vocab} rows from tok"  # the folder's ids rounded up to 64, not the assumed 151,680
+    assert len(tok) < 384 and line == f"vocabulary {vocab} rows from tok"  # not the assumed 151,680
     rows, _ = plan_json(capsys, "tiny.yaml")
     assert all(r["params_total"] - r["params_non_embedding"] == 2 * vocab * 32 for r in rows)  # input + output rows
 

@@ -89,3 +89,43 @@ def relaunch(argv: list[str], *, num_processes: int, config: str | None = None, 
     """Run `dlmstudy <argv>` as `num_processes` processes under accelerate; returns the launcher's exit status."""
     program = ["-m", "dlmstudy.cli", *strip_launch_options(argv)]
     return subprocess.run(launch_command(program, num_processes=num_processes, config=config, device=device)).returncode
+
+
+class Ranks:
+    """The processes of one `dlmstudy run`: one, or several under accelerate launch.
+
+    Rank 0 decides what to do with each run (skip, wait, train) and does every write; all ranks train.
+    """
+
+    def __init__(self, device: str):
+        self.multi = is_launched() and world_size() > 1
+        self.state = None
+        if self.multi:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=device == "cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    def share(self, value):
+        """Rank 0's value, on every rank."""
+        if not self.multi:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def wait(self) -> None:
+        """A barrier (no-op for one process)."""
+        if self.multi:
+            self.state.wait_for_everyone()
+
+    def main_first(self):
+        """Context in which rank 0 runs first (e.g. to fill a cache the others then read)."""
+        from contextlib import nullcontext
+
+        return self.state.main_process_first() if self.multi else nullcontext()

@@ -67,50 +67,69 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
 
     Pretraining runs go first, then SFT runs (each needs its parent's final checkpoint). With
     `max_minutes`, no new run starts once that much wall time has passed (chunked work on a lent
-    machine); SIGTERM stops a run at its next step with a checkpoint.
+    machine); SIGTERM stops a run at its next step with a checkpoint. Under accelerate launch every
+    process trains each run together; rank 0 alone decides, holds the lock and writes.
     """
     import time
+    from contextlib import ExitStack
 
     from dlmstudy.runners.device import resolve_device
+    from dlmstudy.runners.launch import Ranks
     from dlmstudy.runners.run import execute_run
     from dlmstudy.runners.sft import execute_sft_run, resolve_sft_runs
     from dlmstudy.runners.study import prepare_data, probe_items, resolve_runs, write_study_index
 
     started = time.time()
     device = resolve_device(device or spec.device)
-    data = prepare_data(spec, progress=progress)
+    ranks = Ranks(device)
+    say = progress if ranks.main else (lambda message: None)
+    with ranks.main_first():
+        data = prepare_data(spec, progress=say)
     runs = resolve_runs(spec, data)
     sft_runs = resolve_sft_runs(spec, runs)
-    write_study_index(spec, runs, sft_runs)
+    if ranks.main:
+        write_study_index(spec, runs, sft_runs)
     probes = probe_items(spec, data, runs)
     chosen = select(runs, only) + select(sft_runs, only)
     results = []
     for i, run in enumerate(chosen, 1):
         tag = f"[{i}/{len(chosen)}] {run.run_id}"
-        if is_done(run):
-            progress(f"{tag}: finished earlier, skipped")
-            results.append(read_result(run))
-            continue
-        if max_minutes is not None and time.time() - started > 60 * max_minutes:
-            progress(f"{tag}: not started, the {max_minutes:g}-minute budget is spent; run again to continue")
-            continue
-        if run.stage == "sft" and not run.ready():
-            progress(f"{tag}: waiting for its base model {run.base}; run again once that run has finished")
-            continue
-        with run_lock(run.dir) as locked:
-            if not locked:
-                progress(f"{tag}: another process is training it, skipped")
+        with ExitStack() as held:
+            action = ranks.share(_decide(run, held, started, max_minutes) if ranks.main else None)
+            if action == "done":
+                say(f"{tag}: finished earlier, skipped")
+                results.append(read_result(run))
+                continue
+            if action != "train":
+                say(f"{tag}: {action}")
                 continue
             if run.stage == "sft":
-                progress(f"{tag}: fine-tuning {run.arm.name} for {run.epochs} epochs on {device}")
-                result = execute_sft_run(run, spec, data, device, probes, progress)
+                say(f"{tag}: fine-tuning {run.arm.name} for {run.epochs} epochs on {device}")
+                result = execute_sft_run(run, spec, data, device, probes, say)
             else:
-                progress(f"{tag}: training on {device} ({run.total_tokens:,} tokens, {run.epochs:g} epochs "
-                         f"of {run.unique_tokens:,} unique)")
-                result = execute_run(run, spec, data, device, probes, progress)
-            acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
-                           if result.get(f"accuracy_{d}") is not None)
-            progress(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}"
-                     + (f", accuracy {acc}" if acc else ""))
-            results.append(result)
+                say(f"{tag}: training on {device} ({run.total_tokens:,} tokens, {run.epochs:g} epochs "
+                    f"of {run.unique_tokens:,} unique)")
+                result = execute_run(run, spec, data, device, probes, say, write=ranks.main)
+            ranks.wait()
+        if not ranks.main:
+            continue
+        acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
+                       if result.get(f"accuracy_{d}") is not None)
+        say(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}" + (f", accuracy {acc}" if acc else ""))
+        results.append(result)
     return results
+
+
+def _decide(run, held, started: float, max_minutes: float | None) -> str:
+    """What to do with a run: "done", "train" (with its lock held in `held`), or why it is skipped."""
+    import time
+
+    if is_done(run):
+        return "done"
+    if max_minutes is not None and time.time() - started > 60 * max_minutes:
+        return f"not started, the {max_minutes:g}-minute budget is spent; run again to continue"
+    if run.stage == "sft" and not run.ready():
+        return f"waiting for its base model {run.base}; run again once that run has finished"
+    if not held.enter_context(run_lock(run.dir)):
+        return "another process is training it, skipped"
+    return "train"

@@ -22,18 +22,34 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from dlmstudy.data.biographies import QAItem
-from dlmstudy.errors import UserError
 from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
-from dlmstudy.evaluation.qa import DecodeSettings, accuracy_by_direction, answer_questions
+from dlmstudy.errors import UserError
+from dlmstudy.evaluation.qa import (
+    DecodeSettings,
+    accuracy_by_direction,
+    answer_questions,
+)
 from dlmstudy.evaluation.validation import LOSS_KIND, validation_loss
 from dlmstudy.models.backbones import build_config, build_model
 from dlmstudy.models.checkpoints import save_checkpoint
 from dlmstudy.runners.device import supports_bf16
-from dlmstudy.runners.study import Run, StudyData
+from dlmstudy.runners.launch import process_rank
+from dlmstudy.runners.study import Run, StudyData, fast_path
 from dlmstudy.study.spec import StudySpec
+from dlmstudy.training.heads import compile_body
 from dlmstudy.training.objectives import build_objective
-from dlmstudy.training.tracking import QuietProgress, ScalarMirror, finish_swanlab, read_scalars, start_swanlab
-from dlmstudy.training.trainer import CompleteMarker, DLMTrainer, last_complete_checkpoint
+from dlmstudy.training.tracking import (
+    QuietProgress,
+    ScalarMirror,
+    finish_swanlab,
+    read_scalars,
+    start_swanlab,
+)
+from dlmstudy.training.trainer import (
+    CompleteMarker,
+    DLMTrainer,
+    last_complete_checkpoint,
+)
 
 RESULT_FILE = "result.json"
 
@@ -98,7 +114,7 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     """
     args = TrainingArguments(output_dir=str(run_dir / "checkpoints"), **arguments)
     tracker = None
-    if spec.tracking.report_to == "swanlab":
+    if spec.tracking.report_to == "swanlab" and process_rank() == 0:
         tracker = start_swanlab(project=spec.tracking.project, name=run_id, mode=spec.tracking.mode,
                                 logdir=run_dir / "swanlog", config=config)
     stopper = StopOnSignal()
@@ -137,7 +153,9 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
     val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
     model = build_model(build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal), seed=spec.seed)
     ts = spec.training
-    fast = {"fast_head": True, "chunk": ts.head_chunk} if ts.fast_head else {}
+    fast = fast_path(spec, device)
+    if fast.get("compiled"):
+        compile_body(model)
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
         if run.arm.objective == "mdm" else {}))
@@ -223,12 +241,19 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
             for task, m in (results or {}).get("results", {}).items()}
 
 
-def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem], progress=print) -> dict:
-    """Train, evaluate and record one run; the final checkpoint replaces the intermediate ones."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run.dir / "run.json", {"run_id": run.run_id, **run.config})
+def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem], progress=print,
+                *, write: bool = True) -> dict | None:
+    """Train, evaluate and record one run; the final checkpoint replaces the intermediate ones.
+
+    With `write=False` (ranks other than 0 of a multi-process run) it only trains and returns None.
+    """
     started = time.time()
+    if write:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.dir / "run.json", {"run_id": run.run_id, **run.config})
     model, train_metrics = train_run(run, spec, data, device, progress)
+    if not write:
+        return None
     final = run.dir / "checkpoint"
     tmp = run.dir / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from dlmstudy.evaluation.validation import LOSS_KIND
 from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
 from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.runners.run import RESULT_FILE, default_arguments, fit, write_json_atomic
-from dlmstudy.runners.study import Run, StudyData, study_dir
+from dlmstudy.runners.study import Run, StudyData, fast_path, study_dir
 from dlmstudy.study.plan import config_digest
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.lora import apply_lora
@@ -121,7 +121,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     train_set = SFTDataset(train_rows, epoch_order(len(train_rows), run.epochs, seed=spec.seed))
     val_set = SFTDataset(val_rows, np.arange(len(val_rows)))
     collate = SFTCollator(tokenizer.eos_token_id)
-    fast = {"fast_head": True, "chunk": spec.training.head_chunk} if spec.training.fast_head else {}
+    fast = {k: v for k, v in fast_path(spec, device).items() if k != "compiled"}
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": tokenizer.mask_token_id, "sft_norm": sft.loss_norm} if run.arm.objective == "mdm" else {}))
     config = {**run.config, "training": {"learning_rate": 1e-4, **run.config["training"]}}

@@ -1,7 +1,8 @@
 """Preparing a study's shared data and resolving its runs (ids, unique tokens, parameter counts).
 
 Data preparation is shared by every run of a study and cached under `runs/<study>/_cache/`, so a
-second invocation (or `dlmstudy plan`) reuses the tokenizer and token streams.
+second invocation reuses the tokenizer and token streams. A plan needs no data when the grid is
+given in unique tokens: `resolve_runs(spec, tokens=plan_tokens(spec)[0])` works from the spec alone.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.corpus import Corpus, corpus_streams, load_corpus
 from dlmstudy.data.packing import TokenStream
+from dlmstudy.data.sources import FILE_NAME, HUB_NAME, hub_reachable, parse_source
 from dlmstudy.data.tokenizer import get_tokenizer, special_tokens
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
 from dlmstudy.models.matching import check_match, match_arms, split_overrides
 from dlmstudy.models.params import ParamCounts, count_config
 from dlmstudy.models.registry import Arm, get_arm
+from dlmstudy.runners.bench import flops_per_token, matmul_params
+from dlmstudy.study.estimate import BenchRecord, Estimate, closest_record
 from dlmstudy.study.plan import DataSetting, data_settings, run_id
 from dlmstudy.study.spec import StudySpec
 
@@ -58,12 +63,91 @@ class Run:
         return int(self.config["total_tokens"])
 
 
+# Training settings that change speed, not results: left out of run ids.
+SPEED_ONLY = {"fast_head", "head_chunk", "compile"}
+
+
+def fast_path(spec: StudySpec, device: str) -> dict:
+    """Objective settings for the exact fast head (on by default on CUDA) and optional compilation."""
+    ts = spec.training
+    on = ts.fast_head if ts.fast_head is not None else device == "cuda"
+    if ts.compile and not on:
+        raise UserError("training.compile needs the fast head (training.fast_head: true)")
+    return {"fast_head": True, "chunk": ts.head_chunk, "compiled": ts.compile} if on else {}
+
+
 def study_dir(spec: StudySpec) -> Path:
     return Path(spec.runs_dir) / spec.name
 
 
-def prepare_data(spec: StudySpec, *, progress=print) -> StudyData:
-    """Load the corpus, train or load the tokenizer, tokenize (cached) and cut validation chunks."""
+@dataclass(frozen=True)
+class MissingInput:
+    """A local path the spec names that does not exist, with the spec key that names it."""
+
+    key: str
+    path: str
+    reason: str = "not found"
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.path} ({self.reason})"
+
+
+def _missing_source(key: str, source: str) -> MissingInput | None:
+    if source.startswith("builtin:"):
+        return None
+    location = parse_source(source).location
+    if Path(location).exists():
+        return None
+    hub_like = not location.startswith(("/", ".")) and HUB_NAME.match(location) and not FILE_NAME.search(location)
+    if hub_like and hub_reachable():
+        return None
+    return MissingInput(key, location, "not found; not a local path and the hub is offline" if hub_like else
+                        "not found")
+
+
+def missing_inputs(spec: StudySpec) -> list[MissingInput]:
+    """Every input the study reads that is absent: corpus, tokenizer folder, SFT data and base models, task folder."""
+    found = [_missing_source("data.pretrain.source", spec.data.pretrain.source)]
+    if spec.tokenizer.kind == "pretrained" and not Path(spec.tokenizer.path).is_dir():
+        found.append(MissingInput("tokenizer.path", spec.tokenizer.path))
+    if spec.sft is not None:
+        found.append(_missing_source("sft.source", spec.sft.source))
+        found += [MissingInput(f"sft.base.{arm}", path) for arm, path in spec.sft.base.items()
+                  if not Path(path).exists()]
+    include = spec.evaluation.lm_eval.include_path
+    if include is not None and not Path(include).is_dir():
+        found.append(MissingInput("evaluation.lm_eval.include_path", include))
+    return [m for m in found if m is not None]
+
+
+# The Qwen2 tokenizer (docs/data.md) as the study completes it: 151,647 ids, <|mask|> included, 151,680 rows.
+ASSUMED_TOKENS = SpecialTokens(vocab_size=151680, pad_token_id=151643, eos_token_id=151643, mask_token_id=151646)
+
+
+def plan_tokens(spec: StudySpec) -> tuple[SpecialTokens, str]:
+    """The models' token ids without the data, and where the vocabulary size came from: the tokenizer folder
+    (`len(tokenizer)` rounded as `special_tokens` does), the BPE's size, or, with the folder absent, Qwen2's."""
+    tk = spec.tokenizer
+    if tk.kind == "bpe":
+        rows = 64 * -(-tk.vocab_size // 64)
+        note = (f"vocabulary {rows:,} rows: the BPE's tokenizer.vocab_size {tk.vocab_size:,} rounded up to 64 "
+                "(trained at run time; a small corpus can give fewer)")
+        return SpecialTokens(vocab_size=rows, pad_token_id=1, eos_token_id=0, mask_token_id=2), note
+    if Path(tk.path).is_dir():
+        tokens = special_tokens(get_tokenizer("pretrained", path=tk.path))
+        return tokens, f"vocabulary {tokens.vocab_size:,} rows from {tk.path}"
+    return ASSUMED_TOKENS, (f"vocabulary {ASSUMED_TOKENS.vocab_size:,} rows assumed, as the Qwen2 tokenizer gives "
+                            f"(151,647 ids with <|mask|>, rounded up to 64): tokenizer.path {tk.path} not found")
+
+
+def prepare_data(spec: StudySpec, *, progress=print, check_inputs: bool = True) -> StudyData:
+    """Load the corpus, train or load the tokenizer, tokenize (cached) and cut validation chunks.
+
+    First every input of the study is checked, so a missing SFT base stops the study before its pretraining."""
+    missing = missing_inputs(spec) if check_inputs else []
+    if missing:
+        more = f" (and {len(missing) - 1} more; dlmstudy plan lists them)" if len(missing) > 1 else ""
+        raise UserError(f"missing input: {missing[0]}{more}")
     cache = study_dir(spec) / "_cache"
     cache.mkdir(parents=True, exist_ok=True)
     src = spec.data.pretrain
@@ -85,10 +169,16 @@ def prepare_data(spec: StudySpec, *, progress=print) -> StudyData:
     return StudyData(tok, special_tokens(tok), corpus, train, validation, fingerprint)
 
 
-def unique_tokens_of(setting: DataSetting, data: StudyData, max_length: int) -> int:
-    """Unique tokens of a data setting, rounded down to whole sequences (people: their documents' tokens)."""
+def unique_tokens_of(setting: DataSetting, data: StudyData | None, max_length: int) -> int:
+    """Unique tokens of a data setting, rounded down to whole sequences (people: their documents' tokens).
+
+    Without data (a plan from the spec) tokens are taken as given, unchecked against the corpus."""
     if setting.unit == "tokens":
         u = setting.unique
+        if data is None:
+            return (u // max_length) * max_length
+    elif data is None:
+        raise UserError("grid.unique_people counts tokens of the built-in corpus: prepare the data first")
     else:
         groups = data.corpus.groups
         if groups is None:
@@ -119,22 +209,25 @@ def training_arguments(spec: StudySpec, arm: Arm) -> dict:
     return {**spec.training.arguments, **split_overrides(arm)[1]}
 
 
-def resolve_runs(spec: StudySpec, data: StudyData) -> list[Run]:
-    """Every run of the study, in order: sizes, then data settings, arms innermost (so pairs finish together)."""
+def resolve_runs(spec: StudySpec, data: StudyData | None = None, *, tokens: SpecialTokens | None = None) -> list[Run]:
+    """Every run of the study, in order: sizes, then data settings, arms innermost (so pairs finish together).
+
+    Without data (`tokens` given instead) run ids are labels only: their hash covers the data's fingerprint."""
     arms = [get_arm(a) for a in spec.arms]
     L = spec.data.max_length
+    tokens = data.tokens if data is not None else tokens
     runs = []
     for target in spec.grid.params or [None]:
-        sizes = arm_sizes(spec, arms, data.tokens, target)
-        counts = {a.name: count_config(build_config(a.backbone, sizes[a.name], data.tokens, causal=a.causal))
+        sizes = arm_sizes(spec, arms, tokens, target)
+        counts = {a.name: count_config(build_config(a.backbone, sizes[a.name], tokens, causal=a.causal))
                   for a in arms}
         check_match(counts, spec.model.match_tolerance)
-        runs += _runs_at_size(spec, data, arms, sizes, counts, L, target)
+        runs += _runs_at_size(spec, data, tokens, arms, sizes, counts, L, target)
     return runs
 
 
-def _runs_at_size(spec: StudySpec, data: StudyData, arms: list[Arm], sizes: dict[str, ModelSize],
-                  counts: dict[str, ParamCounts], L: int, target: int | None) -> list[Run]:
+def _runs_at_size(spec: StudySpec, data: StudyData | None, tokens: SpecialTokens, arms: list[Arm],
+                  sizes: dict[str, ModelSize], counts: dict[str, ParamCounts], L: int, target: int | None) -> list[Run]:
     runs = []
     for setting in data_settings(spec.grid):
         u = unique_tokens_of(setting, data, L)
@@ -143,17 +236,69 @@ def _runs_at_size(spec: StudySpec, data: StudyData, arms: list[Arm], sizes: dict
             config = {
                 "study": spec.name, "arm": arm.name, "backbone": arm.backbone, "objective": arm.objective,
                 "sampler": arm.sampler, "seed": spec.seed, "size": dataclasses.asdict(sizes[arm.name]),
-                "tokens": dataclasses.asdict(data.tokens), "data_fingerprint": data.fingerprint,
+                "tokens": dataclasses.asdict(tokens), "data_fingerprint": data.fingerprint if data else None,
                 "unique_tokens": u, "unique_people": setting.unique if setting.unit == "people" else None,
                 "epochs": round(epochs, 6), "total_tokens": round(epochs * (u // L)) * L, "max_length": L,
                 "data_seed": spec.data.seed, "training": training_arguments(spec, arm),
-                "objective_settings": spec.training.model_dump(exclude={"arguments", "fast_head", "head_chunk"}),
+                "objective_settings": spec.training.model_dump(exclude={"arguments", *SPEED_ONLY}),
                 "evaluation": spec.evaluation.model_dump(), "device": spec.device,
                 "params": counts[arm.name].as_dict(), "params_target": target,
             }
-            rid = run_id(config)
+            rid = run_id(config) if data is not None else run_id(config).rsplit("_", 1)[0]
             runs.append(Run(rid, arm, sizes[arm.name], u, epochs, counts[arm.name], config, study_dir(spec) / rid))
     return runs
+
+
+@dataclass
+class StudyPlan:
+    """What `dlmstudy plan` shows: the runs (exact ids only when the data were prepared), missing inputs, notes."""
+
+    runs: list[Run]
+    sft_runs: list
+    missing: list[MissingInput]
+    vocabulary: str
+    exact_ids: bool
+
+
+def plan_study(spec: StudySpec) -> StudyPlan:
+    """The study's runs from the spec alone where the grid allows (unique tokens); `unique_people` prepares
+    the built-in corpus (cheap). Missing inputs are listed, not raised, so a plan works before the downloads."""
+    from dlmstudy.runners.sft import resolve_sft_runs
+
+    missing = missing_inputs(spec)
+    if spec.grid.unique_people is None:
+        tokens, vocabulary = plan_tokens(spec)
+        runs, exact = resolve_runs(spec, tokens=tokens), False
+    elif any(m.key in ("data.pretrain.source", "tokenizer.path") for m in missing):
+        return StudyPlan([], [], missing, "grid.unique_people needs the corpus and tokenizer to count tokens", False)
+    else:
+        data = prepare_data(spec, progress=lambda m: None, check_inputs=False)
+        runs, exact, vocabulary = resolve_runs(spec, data), True, f"vocabulary {data.tokens.vocab_size:,} rows"
+    return StudyPlan(runs, resolve_sft_runs(spec, runs), missing, vocabulary, exact)
+
+
+def run_flops(run: Run) -> tuple[int, float]:
+    """(matmul weights N, training FLOPs per token) of a run's model, counted on the meta device as bench counts."""
+    config = build_config(run.arm.backbone, run.size, SpecialTokens(**run.config["tokens"]), causal=run.arm.causal)
+    with torch.device("meta"):
+        n = matmul_params(AutoModelForCausalLM.from_config(config))
+    return n, flops_per_token(n, run.size.num_layers, run.size.hidden_size, run.config["max_length"])
+
+
+def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], *,
+                  device_name: str | None = None) -> list[Estimate]:
+    """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
+    from dlmstudy.runners.run import default_arguments
+
+    mode = "fast" if spec.training.fast_head else "plain"
+    out = []
+    for r in runs:
+        n, fpt = run_flops(r)
+        batch = default_arguments(r.config, 1, "cpu")["per_device_train_batch_size"]
+        record = closest_record(records, objective=r.arm.objective, flops_per_token=fpt, seq_len=r.config["max_length"],
+                                batch=batch, mode=mode, device_name=device_name)
+        out.append(Estimate(r.total_tokens, n, fpt, record, batch))
+    return out
 
 
 def probe_items(spec: StudySpec, data: StudyData, runs: list[Run]) -> list[QAItem]:

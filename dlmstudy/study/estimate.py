@@ -1,0 +1,124 @@
+"""Compute and time estimates for a plan: each run's tokens, training FLOPs and time on a named device.
+
+FLOPs follow `dlmstudy bench`: N = weights used in a matmul (output head included, embedding lookup
+not), training FLOPs = 6 N D for D tokens. Time comes from the bench record closest to the run
+(same objective; same training path, shape and batch where there is one): its achieved FLOP/s,
+MFU x peak = tokens/s x flops_per_token, carried over to the run's own FLOPs per token,
+
+    tokens/s(run) = tokens/s(record) x flops_per_token(record) / flops_per_token(run)
+    time(run)     = D / tokens/s(run)
+
+where flops_per_token = 6 N + 12 layers d L (bench's count: attention scores and values included).
+Pure arithmetic over numbers and a JSON file; the runner counts N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlmstudy.errors import UserError
+
+# `dlmstudy bench --json` on one H200 (docs/benchmarks.md), used when no --bench file is given.
+SHIPPED_BENCH = Path(__file__).resolve().parents[2] / "docs" / "bench" / "h200-2026-11-29.json"
+RECORD_FIELDS = ("device_name", "config", "arm", "objective", "mode", "batch", "seq_len", "tokens_per_s",
+                 "flops_per_token")
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    """One training measurement of `dlmstudy bench`: a device, a model shape, a batch, its throughput."""
+
+    device_name: str
+    config: str
+    arm: str
+    objective: str
+    mode: str
+    batch: int
+    seq_len: int
+    tokens_per_s: float
+    flops_per_token: float
+    mfu: float | None = None
+
+    def describe(self) -> str:
+        """One line: device, shape, path, batch, throughput, MFU."""
+        mfu = f", MFU {self.mfu:.1%}" if self.mfu is not None else ""
+        return (f"{self.device_name} {self.config} {self.arm} ({self.mode}), batch {self.batch} x {self.seq_len}: "
+                f"{self.tokens_per_s:,.0f} tokens/s{mfu} at {self.flops_per_token / 1e6:,.0f}M FLOPs/token")
+
+
+def load_bench(path: str | Path) -> list[BenchRecord]:
+    """The training records of a `dlmstudy bench --json` file (sampling records are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"bench file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a JSON file (write one with dlmstudy bench --json FILE)") from None
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise UserError(f"{path}: expected a JSON list of bench records (dlmstudy bench --json FILE)")
+    records = []
+    for i, r in enumerate(raw):
+        if r.get("measurement", "train") != "train":
+            continue
+        absent = [f for f in RECORD_FIELDS if r.get(f) is None]
+        if absent:
+            raise UserError(f"{path}: record {i} has no {absent[0]!r}")
+        records.append(BenchRecord(**{f: r[f] for f in RECORD_FIELDS}, mfu=r.get("mfu")))
+    return records
+
+
+def closest_record(records: list[BenchRecord], *, objective: str, flops_per_token: float, seq_len: int,
+                   batch: int, mode: str = "plain", device_name: str | None = None) -> BenchRecord | None:
+    """The record to time a run by: same objective (and device, if named); then the same training path;
+    then the nearest in log FLOPs per token, sequence length and batch. None when nothing matches."""
+    pool = [r for r in records if r.objective == objective and r.tokens_per_s > 0 and r.flops_per_token > 0]
+    if device_name:
+        pool = [r for r in pool if device_name.lower() in r.device_name.lower()]
+
+    def distance(r: BenchRecord) -> tuple[bool, float]:
+        return (r.mode != mode, abs(math.log(r.flops_per_token / flops_per_token))
+                + abs(math.log(r.seq_len / seq_len)) + abs(math.log(r.batch / batch)))
+
+    return min(pool, key=distance, default=None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's budget: tokens D, FLOPs 6 N D, and (with a bench record) its throughput and time on one device."""
+
+    tokens: int
+    n_matmul: int
+    flops_per_token: float
+    record: BenchRecord | None
+    batch: int = 0  # the run's sequences per device step, to compare with the record's
+
+    @property
+    def flops(self) -> float:
+        """Training FLOPs, 6 N D."""
+        return 6 * self.n_matmul * self.tokens
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """The record's achieved FLOP/s over this run's FLOPs per token (None without a record)."""
+        if self.record is None:
+            return None
+        return self.record.tokens_per_s * self.record.flops_per_token / self.flops_per_token
+
+    @property
+    def seconds(self) -> float | None:
+        """Training time on one device, D / tokens/s."""
+        return None if self.tokens_per_s is None else self.tokens / self.tokens_per_s
+
+
+def format_duration(seconds: float | None) -> str:
+    """3725 -> '1.0 h'; None -> '-'."""
+    if seconds is None:
+        return "-"
+    for div, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= div:
+            return f"{seconds / div:.1f} {unit}"
+    return f"{seconds:.0f} s"
