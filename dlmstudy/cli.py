@@ -71,10 +71,12 @@ def cmd_plan(a: argparse.Namespace) -> None:
         return
     print(f"study {spec.name}: {len(rows)} pretraining runs" + (f", {len(sft_rows)} SFT runs" if sft_rows else ""))
     print(plan.vocabulary)
-    if rows:
-        ne = [r["params_non_embedding"] for r in rows]
-        print(f"non-embedding parameters {min(ne):,} to {max(ne):,} "
+    for target in dict.fromkeys(r.config.get("params_target") for r in plan.runs):
+        ne = [r.params.non_embedding for r in plan.runs if r.config.get("params_target") == target]
+        size = f"size target {target:,}: " if target else ""
+        print(f"{size}non-embedding parameters {min(ne):,} to {max(ne):,} across arms "
               f"(deviation {max(ne) / min(ne) - 1:.2%}, tolerance {spec.model.match_tolerance:.0%})")
+    if rows:
         print("FLOPs = 6 N D, N = matmul weights with the output head (as dlmstudy bench counts; the report's "
               "FLOPs use non-embedding N)")
         print(f"time: training steps on one device (no evaluation, checkpoints or start-up), from "

@@ -34,7 +34,8 @@ from dlmstudy.sampling import generate
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"block_size": "block_length", "cfg": "cfg_scale", "max_new_tokens": "gen_length"}
+ALIASES = {"block_size": "block_length", "cfg": "cfg_scale", "max_new_tokens": "gen_length",
+           "is_check_greedy": "check_greedy"}
 
 
 @dataclass

@@ -290,7 +290,8 @@ def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], 
     """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
     from dlmstudy.runners.run import default_arguments
 
-    mode = "fast" if spec.training.fast_head else "plain"
+    ts = spec.training  # fast head: on unless turned off (its default is on for CUDA, where bench records come from)
+    mode = "plain" if ts.fast_head is False else "fast-compiled" if ts.compile else "fast"
     out = []
     for r in runs:
         n, fpt = run_flops(r)
