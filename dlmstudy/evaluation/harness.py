@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dlmstudy.atomic import write_text_atomic
 from dlmstudy.errors import UserError
 from dlmstudy.evaluation import tasks as bio
 from dlmstudy.evaluation.lm_eval_models import load_lm, parse_model_args
@@ -94,12 +95,6 @@ def task_manager(names: list[str], include_path: str | Path | None):
     return tm
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(results: dict[str, Any], output_path: str | Path) -> Path:
     """results.json (samples left out) and samples_<task>.jsonl under output_path; returns the folder."""
     from lm_eval.utils import handle_non_serializable
@@ -108,10 +103,10 @@ def write_outputs(results: dict[str, Any], output_path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     samples = results.get("samples") or {}
     for task, rows in samples.items():
-        _write_atomic(out / f"samples_{task}.jsonl",
+        write_text_atomic(out / f"samples_{task}.jsonl",
                       "".join(json.dumps(r, default=handle_non_serializable, ensure_ascii=False) + "\n" for r in rows))
     summary = {k: v for k, v in results.items() if k != "samples"}
-    _write_atomic(out / "results.json", json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=2, default=handle_non_serializable, ensure_ascii=False))
     return out
 
 

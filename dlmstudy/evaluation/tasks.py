@@ -18,7 +18,15 @@ from typing import Any
 
 import yaml
 
-from dlmstudy.data.biographies import Person, QAItem, biographies, generate_people, qa_items, qa_prompt
+from dlmstudy.atomic import write_text_atomic
+from dlmstudy.data.biographies import (
+    Person,
+    QAItem,
+    biographies,
+    generate_people,
+    qa_items,
+    qa_prompt,
+)
 
 TASKS = ("bio_qa_forward", "bio_qa_reverse", "bio_mc", "bio_ppl")
 TAG = "bio"
@@ -26,13 +34,6 @@ VERSION = 1
 DEFAULT_PEOPLE = 40
 # Held-out wordings come from a seed no study's pretraining uses by default.
 HELD_OUT_SEED = 7919
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so concurrent ranks never read a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _take(rows: list[Any], max_items: int | None, rng: random.Random) -> list[Any]:
@@ -135,8 +136,8 @@ def write_tasks(
               "bio_mc": MC_BODY, "bio_ppl": PPL_BODY}
     for task in TASKS:
         data = out / f"{task}.jsonl"
-        _write_atomic(data, "".join(json.dumps(r) + "\n" for r in rows[task]))
-        _write_atomic(out / f"{task}.yaml", _yaml(task, data, bodies[task]))
+        write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in rows[task]))
+        write_text_atomic(out / f"{task}.yaml", _yaml(task, data, bodies[task]))
     return out
 
 

@@ -14,7 +14,6 @@ prefix cache) across steps and block lengths for diffusion arms, KV-cached decod
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,12 +24,24 @@ from typing import Callable, Iterable
 import torch
 import transformers
 
+from dlmstudy.atomic import write_json_atomic
 from dlmstudy.errors import UserError
-from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
+from dlmstudy.models.backbones import (
+    ModelSize,
+    SpecialTokens,
+    build_config,
+    build_model,
+)
 from dlmstudy.models.params import config_from_json, count_model
 from dlmstudy.models.registry import Arm, get_arm
-from dlmstudy.runners.device import (autocast, device_name, peak_memory, reset_peak_memory, resolve_device,
-                                     synchronize)
+from dlmstudy.runners.device import (
+    autocast,
+    device_name,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+)
 from dlmstudy.training.objectives import build_objective
 
 PARALLEL_THRESHOLD = 0.9
@@ -313,7 +324,4 @@ def write_records(records: list[dict], path: str | Path) -> Path:
     """Write the records as a JSON list (atomically: a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, records)

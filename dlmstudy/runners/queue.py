@@ -77,7 +77,12 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     from dlmstudy.runners.launch import Ranks
     from dlmstudy.runners.run import execute_run
     from dlmstudy.runners.sft import execute_sft_run, resolve_sft_runs
-    from dlmstudy.runners.study import prepare_data, probe_items, resolve_runs, write_study_index
+    from dlmstudy.runners.study import (
+        prepare_data,
+        probe_items,
+        resolve_runs,
+        write_study_index,
+    )
 
     started = time.time()
     device = resolve_device(device or spec.device)

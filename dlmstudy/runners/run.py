@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from dlmstudy.atomic import write_json_atomic
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
 from dlmstudy.errors import UserError
@@ -52,13 +53,6 @@ from dlmstudy.training.trainer import (
 )
 
 RESULT_FILE = "result.json"
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file and rename it into place (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
 
 
 class StopOnSignal(TrainerCallback):

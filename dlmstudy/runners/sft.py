@@ -14,15 +14,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlmstudy.atomic import write_json_atomic
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.packing import epoch_order
-from dlmstudy.data.sft import SFTCollator, SFTDataset, alpaca_messages, load_sft_dataset, read_alpaca_rows
+from dlmstudy.data.sft import (
+    SFTCollator,
+    SFTDataset,
+    alpaca_messages,
+    load_sft_dataset,
+    read_alpaca_rows,
+)
 from dlmstudy.errors import UserError
-from dlmstudy.evaluation.qa import DecodeSettings, accuracy_by_direction, answer_questions
+from dlmstudy.evaluation.qa import (
+    DecodeSettings,
+    accuracy_by_direction,
+    answer_questions,
+)
 from dlmstudy.evaluation.validation import LOSS_KIND
 from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
 from dlmstudy.models.registry import Arm, get_arm
-from dlmstudy.runners.run import RESULT_FILE, default_arguments, fit, write_json_atomic
+from dlmstudy.runners.run import RESULT_FILE, default_arguments, fit
 from dlmstudy.runners.study import Run, StudyData, fast_path, study_dir
 from dlmstudy.study.plan import config_digest
 from dlmstudy.study.spec import StudySpec

@@ -8,7 +8,6 @@ given in unique tokens: `resolve_runs(spec, tokens=plan_tokens(spec)[0])` works 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from dlmstudy.atomic import write_json_atomic
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.corpus import Corpus, corpus_streams, load_corpus
 from dlmstudy.data.packing import TokenStream
@@ -324,6 +324,4 @@ def write_study_index(spec: StudySpec, runs: list[Run], sft_runs: list | None = 
          "params_non_embedding": r.params.non_embedding} for r in runs] + [
         {"run_id": r.run_id, "stage": "sft", "arm": r.arm.name, "sft_epochs": r.epochs, "parent": r.parent}
         for r in sft_runs or []]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(index, indent=2, default=str))
-    tmp.replace(path)
+    write_json_atomic(path, index)
