@@ -147,14 +147,21 @@ def arm_for(config: PretrainedConfig) -> Arm:
     return get_arm(f"{backbone_of(config)}-{'ar' if causal else 'mdm'}")
 
 
+def folder_arm(path: str | Path) -> Arm:
+    """The arm of a model folder from its metadata alone, before any weights load."""
+    layout = detect_layout(path)
+    if layout == "llada":
+        return get_arm("llada-mdm")
+    return read_arm(path) if layout == "dlmstudy" else arm_for(hf_config_from_json(path))
+
+
 def load_pretrained(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Arm]:
     """(model, tokenizer or None, arm) from a dlmstudy, original-LLaDA or HF Qwen2/Llama folder, in eval mode."""
     path = Path(path)
-    layout = detect_layout(path)
+    layout, arm = detect_layout(path), folder_arm(path)
     if layout == "llada":
         model = load_llada_original(path, device=device, dtype=dtype)
-        arm = get_arm("llada-mdm")
     else:
         config = None if layout == "dlmstudy" else hf_config_from_json(path)
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -163,5 +170,4 @@ def load_pretrained(path: str | Path, *, device: str = "cpu", dtype: torch.dtype
         for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
             if info.get(problem):
                 raise UserError(f"{path}: {problem.replace('_', ' ')}: {sorted(info[problem])[0]}")
-        arm = read_arm(path) if layout == "dlmstudy" else arm_for(model.config)
     return model.to(device).eval(), read_tokenizer(path), arm

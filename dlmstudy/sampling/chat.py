@@ -19,9 +19,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlmstudy.errors import UserError
-from dlmstudy.models.checkpoints import arm_for, detect_layout, load_pretrained, read_arm
-from dlmstudy.models.qwen import hf_config_from_json
-from dlmstudy.models.registry import Arm, get_arm
+from dlmstudy.models.checkpoints import folder_arm, load_pretrained
+from dlmstudy.models.registry import Arm
 from dlmstudy.runners.device import resolve_device, supports_bf16
 from dlmstudy.sampling.registry import sample
 
@@ -102,14 +101,6 @@ def model_folder(path: str | Path) -> Path:
             raise UserError(f"{path}: finished run without a checkpoint/ folder")
         return path / "checkpoint"
     return path
-
-
-def folder_arm(folder: Path) -> Arm:
-    """The arm of a model folder from its metadata alone (as `load_pretrained` decides it), before any weights load."""
-    layout = detect_layout(folder)
-    if layout == "llada":
-        return get_arm("llada-mdm")
-    return read_arm(folder) if layout == "dlmstudy" else arm_for(hf_config_from_json(folder))
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
