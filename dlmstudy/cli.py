@@ -46,7 +46,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
-    from dlmstudy.runners.study import estimate_runs, plan_study
+    from dlmstudy.runners.planning import estimate_runs, plan_study
     from dlmstudy.study.estimate import SHIPPED_BENCH, format_duration, load_bench
     from dlmstudy.study.plan import short_count
     from dlmstudy.study.spec import load_spec
