@@ -29,6 +29,7 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x"}, "missing key 'grid'"),
     ({"name": "x", "grid": {"unique_tokens": [1]}}, "exactly one of epochs or total_tokens"),
     ({"name": "x", "grid": GRID, "tokenizer": {"kind": "pretrained"}}, "needs tokenizer.path"),
+    ({"name": "x", "grid": GRID, "data": {"pretrain": {"people": 3000}}}, "data.pretrain.people"),
 ])
 def test_bad_spec_is_one_line_naming_key_and_file(tmp_path, raw, expected):
     path = write(tmp_path, raw)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+from dlmstudy.errors import UserError
+
 FIRST = ("Ada Alan Amara Anton Aria Bela Bruno Cora Dara Dmitri Edda Elio Esme Ezra Faye Felix Gala Gil "
          "Hana Hugo Ida Ilan Ines Ivo Jana Joel Kaia Kian Lara Leo Lina Luca Maya Milo Nadia Nico Noor "
          "Olga Omar Petra Pia Quinn Rafa Rhea Rui Sana Saul Tara Teo Una Uri Vera Vito Wren Xena Yara "
@@ -90,7 +92,8 @@ def generate_people(n: int, seed: int = 0) -> list[Person]:
         attrs = (rng.choice(CITIES), rng.choice(UNIVERSITIES), rng.choice(MAJORS), rng.choice(EMPLOYERS))
         if name in names or date in dates:
             if len(names) >= len(FIRST) * len(LAST):
-                raise ValueError(f"cannot draw {n} unique names from the built-in lists")
+                raise UserError(f"the built-in biographies hold at most {len(FIRST) * len(LAST):,} people "
+                                f"(asked for {n:,}, validation people included)")
             continue
         names.add(name)
         dates.add(date)

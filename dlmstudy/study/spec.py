@@ -50,7 +50,8 @@ class SourceSpec(Strict):
 
     source: str = "builtin:biographies"
     text_field: str = "text"
-    people: int = Field(2000, ge=10, description="builtin: people generated (the pool all prefixes draw from)")
+    people: int = Field(2000, ge=10, le=2150, description="builtin: people generated (the pool all prefixes draw "
+                        "from; at most 2,150 so that 10% more validation people still have unique names)")
     biographies_per_person: int = Field(1, ge=1)
     qa_fraction: float = Field(0.5, ge=0.0, le=1.0, description="builtin: share of people whose QA pairs are in pretraining")
 
