@@ -57,8 +57,8 @@ def run_flops(run: Run) -> tuple[int, float]:
 def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], *,
                   device_name: str | None = None) -> list[Estimate]:
     """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
-    ts = spec.training  # fast head: on unless turned off (its default is on for CUDA, where bench records come from)
-    mode = "plain" if ts.fast_head is False else "fast-compiled" if ts.compile else "fast"
+    ts = spec.training
+    mode = "fast-compiled" if ts.compile else "fast" if ts.fast_head else "plain"
     out = []
     for r in runs:
         n, fpt = run_flops(r)

@@ -147,7 +147,7 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
     val_set = PackedDataset(data.validation, torch.arange(len(data.validation)).numpy())
     model = build_model(build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal), seed=spec.seed)
     ts = spec.training
-    fast = fast_path(spec, device)
+    fast = fast_path(spec)
     if fast.get("compiled"):
         compile_body(model)
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(

@@ -132,7 +132,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     train_set = SFTDataset(train_rows, epoch_order(len(train_rows), run.epochs, seed=spec.seed))
     val_set = SFTDataset(val_rows, np.arange(len(val_rows)))
     collate = SFTCollator(tokenizer.eos_token_id)
-    fast = {k: v for k, v in fast_path(spec, device).items() if k != "compiled"}
+    fast = {k: v for k, v in fast_path(spec).items() if k != "compiled"}
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": tokenizer.mask_token_id, "sft_norm": sft.loss_norm} if run.arm.objective == "mdm" else {}))
     config = {**run.config, "training": {"learning_rate": 1e-4, **run.config["training"]}}

@@ -65,13 +65,12 @@ class Run:
 SPEED_ONLY = {"fast_head", "head_chunk", "compile"}
 
 
-def fast_path(spec: StudySpec, device: str) -> dict:
-    """Objective settings for the exact fast head (on by default on CUDA) and optional compilation."""
+def fast_path(spec: StudySpec) -> dict:
+    """Objective settings for the exact fast head (opt-in: `training.fast_head`) and optional compilation."""
     ts = spec.training
-    on = ts.fast_head if ts.fast_head is not None else device == "cuda"
-    if ts.compile and not on:
+    if ts.compile and not ts.fast_head:
         raise UserError("training.compile needs the fast head (training.fast_head: true)")
-    return {"fast_head": True, "chunk": ts.head_chunk, "compiled": ts.compile} if on else {}
+    return {"fast_head": True, "chunk": ts.head_chunk, "compiled": ts.compile} if ts.fast_head else {}
 
 
 def study_dir(spec: StudySpec) -> Path:
