@@ -199,8 +199,3 @@ def llada_name(name: str) -> str:
 def llada_state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a LLaDA state dict to our Llama names (tensors are shared, not copied)."""
     return {hf_name(k): v for k, v in state.items()}
-
-
-def hf_state_dict_to_llada(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename one of our Llama state dicts to LLaDA's names, e.g. to export a checkpoint."""
-    return {llada_name(k): v for k, v in state.items()}
