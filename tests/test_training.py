@@ -208,6 +208,23 @@ def test_default_optimizer_is_fused_adamw(tmp_path):
     assert trainer.create_optimizer().defaults["fused"] is True
 
 
+@pytest.mark.parametrize("kind", ["ar", "mdm"])
+def test_fast_head_inside_the_trainer_runs_in_the_mixed_precision_dtype(tmp_path, kind, monkeypatch):
+    """With bf16 on, the fast head's matmuls run in bf16 as the plain head's do (accelerate autocasts only
+    model.forward; a loss that runs the head itself must be autocast too), and the losses agree."""
+    from dlmstudy.training import heads
+    dtypes, chunked = [], heads._chunked
+    monkeypatch.setattr(heads, "_chunked", lambda *a, dtype, **k: dtypes.append(dtype) or chunked(*a, dtype=dtype, **k))
+    fast, plain = ((heads.FastARObjective(chunk=8), ARObjective()) if kind == "ar" else
+                   (heads.FastMDMObjective(mask_id=TOKENS.mask_token_id, chunk=8),
+                    MDMObjective(mask_id=TOKENS.mask_token_id)))
+    pretrain(tmp_path / "fast", fast, n=8, epochs=1, bf16=True)
+    pretrain(tmp_path / "plain", plain, n=8, epochs=1, bf16=True)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    for f, p in zip(loss_rows(tmp_path / "fast"), loss_rows(tmp_path / "plain")):
+        assert f["loss"] == pytest.approx(p["loss"], rel=2e-2)
+
+
 # --- Tracking -----------------------------------------------------------------------------------------------------
 
 

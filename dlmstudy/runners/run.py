@@ -82,7 +82,8 @@ def default_arguments(config: dict, n_samples: int, device: str, *, evals: int =
     """TrainingArguments defaults for a run; the spec's `training:` keys override them."""
     args = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "weight_decay": 0.0,
-            "max_grad_norm": 1.0, "save_total_limit": 2}
+            "max_grad_norm": 1.0, "save_total_limit": 2,
+            "logging_nan_inf_filter": False}  # log a non-finite loss as it is, and skip a per-step device sync
     args.update(config["training"])
     steps = math.ceil(n_samples / args["per_device_train_batch_size"] / args["gradient_accumulation_steps"])
     steps = args.get("max_steps", -1) if args.get("max_steps", -1) > 0 else steps

@@ -39,7 +39,10 @@ class DLMTrainer(Trainer):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.objective(model, inputs)
+        """The objective under the run's mixed precision: accelerate autocasts only `model.forward`, so a loss
+        that runs the output head itself (the fast head) would otherwise do its matmuls in fp32."""
+        with self.accelerator.autocast():
+            loss, metrics = self.objective(model, inputs)
         if model.training:
             for k, v in metrics.items():
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
