@@ -135,7 +135,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
                         batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops,
-                        train_modes=a.train_modes)
+                        train_modes=a.train_modes, profile=a.profile, head_chunk=a.head_chunk)
     print(format_records(records))
     if a.json:
         print(f"records: {write_records(records, a.json)}")
@@ -278,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
     s.add_argument("--train_modes", nargs="+", default=["plain"], choices=["plain", "fast", "fast-compiled", "fast-liger"],
                    help="training paths to time (default plain)")
+    s.add_argument("--head_chunk", type=int, default=2048, help="rows of logits per chunk on the fast paths (default 2048)")
     s.add_argument("--json", help="write the records to this JSON file")
+    s.add_argument("--profile", help="folder: profile 5 more training steps per record with torch.profiler and "
+                   "write each operator table there")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("generate", help="answer one prompt with a model (diffusion or AR), as the tutorial's generate")

@@ -48,6 +48,16 @@ def test_bench_cpu_tiny_writes_one_training_record_per_arm(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+def test_profile_writes_an_operator_table_per_training_record(tmp_path):
+    out = tmp_path / "out.json"
+    assert main(["bench", "--device", "cpu", "--config", "tiny", "--arms", "qwen", "--measure", "train",
+                 "--steps", "1", "--warmup", "0", "--profile", str(tmp_path / "prof"), "--json", str(out)]) == 0
+    [record] = json.loads(out.read_text())
+    table = (tmp_path / "prof" / "tiny-qwen-plain.txt").read_text()
+    assert record["profile"] == str(tmp_path / "prof" / "tiny-qwen-plain.txt")
+    assert "aten::mm" in table and "Optimizer.step" in table  # the step's matmuls and the optimizer were profiled
+
+
 def seed_model(vocab_size: int) -> torch.nn.Module:
     cfg = dataclasses.replace(BENCH_CONFIGS["seed-100m"], vocab_size=vocab_size)
     tokens = dataclasses.replace(cfg.tokens, pad_token_id=0, eos_token_id=1, mask_token_id=2)

@@ -174,12 +174,45 @@ TRAIN_MODES = {"plain": {}, "fast": {"fast_head": True}, "fast-compiled": {"fast
                "fast-liger": {"fast_head": True, "backend": "liger"}}
 
 
+def profile_steps(step: Callable[[], None], device: str, path: Path, steps: int = 5) -> float:
+    """Run `steps` more steps under torch.profiler; write the operator table (sorted by self device time on an
+    accelerator, self CPU time on CPU) to `path`; return the device's busy seconds per step (CPU: None)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    table = prof.key_averages()
+    busy = None
+    if device == "cuda":  # the union of the kernels' time ranges: operators and their kernels both carry device time
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+        busy, reach = 0.0, float("-inf")
+        for start, end in spans:
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        busy = busy / 1e6 / steps
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} profiled steps; device busy {busy} s per step\n"
+                    + table.table(sort_by=sort, row_limit=40, max_name_column_width=70) + "\n")
+    return busy
+
+
 def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *, steps: int = 10,
-                   warmup: int = 3, peak: float | None = None, mode: str = "plain") -> dict:
-    """Median step time and tokens/s of the arm's training step on random tokens (the model is trained in place)."""
+                   warmup: int = 3, peak: float | None = None, mode: str = "plain",
+                   profile: Path | None = None, head_chunk: int = 2048) -> dict:
+    """Median step time and tokens/s of the arm's training step on random tokens (the model is trained in place).
+
+    With `profile` (a folder), a few more steps run under torch.profiler and its table is written there."""
     if mode not in TRAIN_MODES:
         raise UserError(f"unknown training mode {mode!r}; use {', '.join(TRAIN_MODES)}")
     options = dict(TRAIN_MODES[mode])
+    if options.get("fast_head"):
+        options["chunk"] = head_chunk
     if options.pop("compiled", False):
         from dlmstudy.training.heads import compile_body
 
@@ -209,10 +242,14 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
     step_time = statistics.median(times)
     tokens_per_s = B * L / step_time
     flops = flops_per_token(matmul_params(model), cfg.size.num_layers, cfg.size.hidden_size, L)
+    extra = {"head_chunk": head_chunk} if options.get("fast_head") else {}
+    if profile is not None:
+        path = Path(profile) / (f"{cfg.name}-{arm.name}-{mode}" + (f"-chunk{head_chunk}.txt" if extra else ".txt"))
+        extra.update(profile=str(path), device_busy_s=profile_steps(lambda: step(batch), device, path))
     model.eval()
     return _record("train", arm, cfg, device, model, mode=mode, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
                    step_time_s=step_time, mfu=mfu(tokens_per_s, flops, peak), flops_per_token=flops,
-                   peak_flops=peak, peak_memory_gb=peak_memory(device) / 1e9, timed_steps=steps)
+                   peak_flops=peak, peak_memory_gb=peak_memory(device) / 1e9, timed_steps=steps, **extra)
 
 
 def sampling_grid(cfg: BenchConfig) -> list[tuple[str, int, int]]:
@@ -268,7 +305,8 @@ def bench_sampling(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
 def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), configs: Iterable[str] = ("tiny",),
               steps: int = 10, warmup: int = 3, batch_size: int | None = None, seq_len: int | None = None,
               measure: Iterable[str] = MEASUREMENTS, peak: float | None = None,
-              train_modes: Iterable[str] = ("plain",), progress: Callable[[str], None] = print) -> list[dict]:
+              train_modes: Iterable[str] = ("plain",), profile: str | Path | None = None, head_chunk: int = 2048,
+              progress: Callable[[str], None] = print) -> list[dict]:
     """Benchmark every (config, arm): one training record and the sampling records; returns them all."""
     if steps < 1 or warmup < 0:
         raise UserError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -293,7 +331,7 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
                 for mode in train_modes:
                     progress(f"{cfg.name} {arm.name}: training ({mode}), batch {cfg.batch_size} x {cfg.seq_len}")
                     records.append(bench_training(fresh(), arm, cfg, device, steps=steps, warmup=warmup, peak=peak,
-                                                  mode=mode))
+                                                  mode=mode, profile=profile, head_chunk=head_chunk))
                     if device == "cuda":
                         torch.cuda.empty_cache()
             model = fresh()
