@@ -426,3 +426,18 @@ def test_sample_rejects_options_the_sampler_does_not_take(mdm, sampler, options,
     _, batch, _ = prompts([3])
     with pytest.raises(SamplerArgumentError, match=message):
         sample(mdm, batch, sampler=sampler, **options)
+
+
+def test_a_lora_model_runs_the_head_on_the_current_block_only():
+    """peft's forward takes **kwargs, yet the sampler still asks for the block's logits only: full logits of a
+    LoRA model's long SFT prompts ran a 100M model out of memory on an H200."""
+    from dlmstudy.training.lora import apply_lora
+
+    model = apply_lora(tiny_model(causal=False), r=2, lora_alpha=4, lora_dropout=0.0)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        out = generate(model, prompts([6, 6])[1], steps=4, gen_length=8, block_length=4, mask_id=MASK)
+    finally:
+        hook.remove()
+    assert out.shape == (2, 14) and rows and set(rows) == {4}

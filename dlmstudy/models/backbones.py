@@ -88,3 +88,11 @@ def build_model(config: PretrainedConfig, *, seed: int | None = None) -> PreTrai
     if seed is not None:
         torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / compile / accelerate / peft wrappers (what owns the layers and head)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

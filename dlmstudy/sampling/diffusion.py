@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from dlmstudy.errors import UserError
+from dlmstudy.models.backbones import unwrap_model
 
 REMASKING = ("low_confidence", "random")
 
@@ -60,8 +61,11 @@ def top_k_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def accepts(model: torch.nn.Module, name: str) -> bool:
-    """Whether `model.forward` takes the keyword argument `name` explicitly."""
-    return name in inspect.signature(model.forward).parameters
+    """Whether the transformers model under any wrappers takes the keyword argument `name` explicitly.
+
+    The wrappers (accelerate's mixed-precision forward inside the Trainer, peft) take **kwargs and pass it on,
+    so their own signatures say nothing."""
+    return name in inspect.signature(type(unwrap_model(model)).forward).parameters
 
 
 def cache_kwargs(model: torch.nn.Module, cache: DynamicCache) -> dict:

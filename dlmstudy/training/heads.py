@@ -17,24 +17,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 
 from dlmstudy.errors import UserError
+from dlmstudy.models.backbones import unwrap_model
 from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics)
 
 BACKENDS = ("chunked", "liger", "cce")
 REDUCTIONS = ("none", "sum")
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / compile / peft wrappers."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The output head (lm_head): a bias-free Linear whose weight W [V, d] maps hidden states to logits."""
-    head = _base(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         raise UserError(f"the fast head needs a plain bias-free Linear output head, got {type(head).__name__}; "
                         "set fast_head: false")
@@ -49,7 +43,7 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
     positions (`logits_to_keep` = an empty index) and a hook on the decoder keeps its output.
     """
     captured = []
-    hook = _base(model).get_decoder().register_forward_hook(
+    hook = unwrap_model(model).get_decoder().register_forward_hook(
         lambda module, args, out: captured.append(out.last_hidden_state))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -283,7 +277,7 @@ def compile_body(model: torch.nn.Module) -> torch.nn.Module:
     In place (`Module.compile`), so parameter names and checkpoints are unchanged; the layers share code,
     so one graph serves them all.
     """
-    for layer in _base(model).get_decoder().layers:
+    for layer in unwrap_model(model).get_decoder().layers:
         layer.compile()
     return model
 
