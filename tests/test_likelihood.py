@@ -1,10 +1,13 @@
 """The diffusion likelihood bound (LLaDA's stratified Monte-Carlo estimator) and the exact AR NLL."""
 
+import math
 from itertools import combinations
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dlmstudy.evaluation.validation import answer_nll
 from dlmstudy.evaluation.likelihood import ar_nll, mdm_loglikelihood, mdm_nll_bound, stratified_mask_counts
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 
@@ -93,3 +96,32 @@ def test_ar_nll_equals_hand_loop():
     expected = sum(nlls) / len(nlls)
     assert ar_nll(model, ids, attention_mask, batch_size=1) == pytest.approx(expected, rel=1e-5)
     assert ar_nll(model, ids, attention_mask) == pytest.approx(expected, rel=1e-5)
+
+
+class PositionLogits(torch.nn.Module):
+    """A 'model' whose logits depend only on the position: the first `confident` positions put 0.9 on token 3,
+    later positions are uniform over the vocabulary, so an answer after them has NLL log(V) per token exactly."""
+
+    def __init__(self, vocab: int, confident: int):
+        super().__init__()
+        self.vocab, self.confident = vocab, confident
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        b, l = input_ids.shape
+        logits = torch.zeros(b, l, self.vocab)
+        logits[:, : self.confident, 3] = torch.log(torch.tensor(0.9 * (self.vocab - 1) / 0.1))
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdm"])
+def test_answer_nll_scores_only_the_answer_tokens_given_the_prompt(objective):
+    """Prompts are 4 tokens of 3 (which the model predicts confidently), answers uniform: scoring the prompt
+    too would pull the NLL below log V; right padding (attention_mask 0) is neither masked nor counted."""
+    vocab, prompt = 16, 4
+    ids = torch.tensor([[3, 3, 3, 3, 7, 8, 9, 1], [3, 3, 3, 3, 5, 1, 0, 0]])
+    attention_mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+    labels = ids.masked_fill(torch.arange(8)[None, :] < prompt, -100).masked_fill(attention_mask == 0, -100)
+    model = PositionLogits(vocab, confident=prompt - (1 if objective == "ar" else 0))  # AR: logits at j predict j+1
+    out = answer_nll(model, objective, ids, attention_mask, labels, mask_id=2, mc_num=8, batch_size=4)
+    assert out["answer_nll"] == pytest.approx(math.log(vocab), rel=1e-6)

@@ -230,7 +230,7 @@ def sampler_heatmaps(grid: pd.DataFrame, value: str, path: Path, runs: pd.DataFr
 
 def sft_curves(curves: pd.DataFrame, results: pd.DataFrame, path: Path) -> Path | None:
     """SFT training loss against step per arm and SFT run, and each per-epoch result metric against epoch."""
-    metrics = [c for c in results.columns if c not in ("epoch", "step") and ("loss" in c or "acc" in c)
+    metrics = [c for c in results.columns if c not in ("epoch", "step") and ("loss" in c or "nll" in c or "acc" in c or "f1" in c)
                and pd.api.types.is_numeric_dtype(results[c])] if len(results) else []
     has_curve = len(curves) and {"step", "loss"} <= set(curves.columns)
     if not has_curve and not metrics:

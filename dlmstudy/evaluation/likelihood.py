@@ -64,7 +64,7 @@ def masked_log_prob_terms(
     return summed * L / l
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -87,7 +87,7 @@ def mdm_loglikelihood(
     `return_stderr`, also the standard error of the mean over the mc_num draws, computed as if
     they were independent (stratification makes the true error smaller; nan when mc_num is 1).
     """
-    device = _device(model)
+    device = model_device(model)
     prefix = torch.as_tensor(prefix, dtype=torch.long).flatten()
     target = torch.as_tensor(target, dtype=torch.long).flatten()
     if len(target) == 0:
@@ -120,9 +120,13 @@ def mdm_nll_bound(
     mc_num: int = 32,
     batch_size: int = 32,
     attention_mask: Tensor | None = None,
+    scored: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """(NLL per token in nats, its Monte-Carlo standard error) of whole sequences, as the diffusion ELBO.
+
+    With `scored` (bool, like input_ids), only those positions are masked and counted and the rest is
+    visible context: the bound on -log p(scored | rest), e.g. an answer given its prompt.
 
     This is an UPPER bound on the true NLL (the negated lower bound on log p), not an exact NLL:
     compare it with an AR model's exact NLL knowing the gap favours AR. Each sequence gets its own
@@ -130,11 +134,13 @@ def mdm_nll_bound(
     Tokens where `attention_mask` is 0 (right padding) are neither masked nor counted. The standard
     error treats draws as independent (conservative under stratification); nan when mc_num is 1.
     """
-    device = _device(model)
+    device = model_device(model)
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if scored is not None:
+        valid = valid & scored.bool()
     L = valid.sum(dim=1)
     if (L == 0).any():
-        raise ValueError("mdm_nll_bound got an empty sequence (attention_mask all zero)")
+        raise ValueError("mdm_nll_bound got a sequence with nothing to score (attention_mask or scored all zero)")
     N, J = input_ids.shape[0], mc_num
     counts = stratified_mask_counts(L, J, generator=generator).flatten()
     seq = torch.arange(N).repeat_interleave(J)
@@ -156,7 +162,7 @@ def mdm_nll_bound(
 @torch.no_grad()
 def ar_nll(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, batch_size: int = 32) -> float:
     """Exact next-token NLL per predicted token in nats; the first token of each sequence is context only."""
-    device = _device(model)
+    device = model_device(model)
     total, count = 0.0, 0
     for s in range(0, len(input_ids), batch_size):
         ids = input_ids[s:s + batch_size].to(device)

@@ -1,7 +1,10 @@
-"""Exact-match accuracy on forward and reverse questions, through each arm's own sampler."""
+"""Exact-match accuracy on forward and reverse questions, through each arm's own sampler; token F1 for free-form answers."""
 
 from __future__ import annotations
 
+import re
+import string
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +31,24 @@ def extract_answer(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def _words(text: str) -> list[str]:
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1: harmonic mean of word precision and recall after lower-casing and dropping punctuation
+    and articles. Partial credit where exact match of a free-form (Alpaca) answer is almost always 0."""
+    pred, ref = _words(prediction), _words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     """Generated ids up to (not including) the first end-of-sequence token."""
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
@@ -36,7 +57,8 @@ def cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
 def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[QAItem], *,
                      sampler: str, settings: DecodeSettings,
                      prompt_fn: Callable[[QAItem], str] = qa_prompt) -> list[dict]:
-    """Generate an answer for every item (left-padded batches) and score exact match.
+    """Generate an answer for every item (left-padded batches); score exact match of its first line and the
+    token F1 of the whole generated text (up to EOS) against the expected output.
 
     `prompt_fn` renders an item: the plain "Question: ... Answer:" form after pretraining, the chat
     template after SFT.
@@ -61,7 +83,7 @@ def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             answer = extract_answer(text)
             rows.append({"person": q.person, "attribute": q.attribute, "direction": q.direction,
                          "question": q.instruction, "expected": q.output, "answer": answer,
-                         "correct": answer == q.output})
+                         "correct": answer == q.output, "f1": token_f1(text, q.output)})
     return rows
 
 

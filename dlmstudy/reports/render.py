@@ -214,7 +214,12 @@ def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: in
         report.add("## lm_eval results", "Each task's metrics as lm_eval reported them (stderr from lm_eval).")
         report.table(frames.lm_eval, "lm_eval", frames.lm_eval.drop(columns=["file"]))
     if len(frames.sft) or len(frames.sft_scalars):
-        report.add("## Supervised fine-tuning")
+        report.add("## Supervised fine-tuning",
+                   "Per-epoch evaluations on held-out rows. `val_loss` is each arm's own SFT objective: for diffusion "
+                   "arms it also scores the EOS padding LLaDA trains on, so it is not comparable with an AR arm's. "
+                   "`answer_nll` scores the same answer tokens for every arm (exact NLL for AR, the ELBO upper bound "
+                   "for diffusion); runs made before it existed lack it. `accuracy` is exact match of the answer's "
+                   "first line, `answer_f1` SQuAD token F1 of the whole answer.")
         if len(frames.sft):
             report.table(frames.sft, "sft")
         if len(frames.sft_scalars):

@@ -6,6 +6,7 @@ same `fit` loop; its base is the arm's pretraining run (or a local model named i
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from dlmstudy.evaluation.qa import (
     accuracy_by_direction,
     answer_questions,
 )
-from dlmstudy.evaluation.validation import LOSS_KIND
+from dlmstudy.evaluation.validation import LOSS_KIND, answer_nll
 from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
 from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.runners.run import RESULT_FILE, default_arguments, fit
@@ -59,6 +60,11 @@ class SFTRun:
         return (self.base / "config.json").exists()
 
 
+# What an SFT run's val_loss is: its training objective on the held-out rows. Only answer_nll compares arms.
+SFT_LOSS_KIND = {"mdm": "SFT objective: LLaDA's masked loss over the answer and its EOS padding (not comparable with AR)",
+                 "ar": "SFT objective: exact NLL of the answer and its EOS"}
+
+
 def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
     """SFT runs for every arm x SFT epoch count (x pretraining run, with `from_run: all`)."""
     if spec.sft is None:
@@ -72,7 +78,7 @@ def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
         else:
             own = [r for r in runs if r.arm.name == name]
             if sft.from_run == "most_unique":
-                own = [max(own, key=lambda r: (r.unique_tokens, r.epochs))] if own else []
+                own = [max(own, key=lambda r: (r.unique_tokens, r.epochs, r.params.non_embedding))] if own else []
             bases = [(r.dir / "checkpoint", r.run_id) for r in own]
         for base, parent in bases:
             for epochs in sft.epochs:
@@ -111,8 +117,10 @@ def sft_splits(spec: StudySpec, data: StudyData, tokenizer):
         raise UserError(f"sft.source {sft.source}: no held-out rows; use the slice syntax, e.g. path[train:3000,test:200]")
     held_out = [] if sft.load_preprocessed_data else read_alpaca_rows(sft.source, seed=spec.seed).get("test", [])
     probes = [QAItem("", "answer", "held-out", r["instruction"], r["output"], r.get("input", "") or "")
-              for r in held_out[: sft.validation_rows]]
-    return dd["train"], dd["test"], probes
+              for r in held_out]
+    room = sft.max_length - spec.evaluation.gen_length  # a probe's prompt and answer fit the SFT context, as trained
+    probes = [q for q in probes if len(tokenizer(sft_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]) <= room]
+    return dd["train"], dd["test"], probes[: sft.validation_rows]
 
 
 def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, probes: list[QAItem],
@@ -142,17 +150,27 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     ev = spec.evaluation
     settings = DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size)
 
+    held = collate([val_set[i] for i in range(len(val_set))])
+
     @torch.no_grad()
-    def after_epoch(m) -> dict[str, float]:
+    def after_epoch(m, samples: Path | None = None) -> dict[str, float]:
+        """The SFT objective and the answer NLL (comparable across arms) on the held-out rows; the probes' answers."""
         losses = [objective(m, {k: v.to(next(m.parameters()).device) for k, v in collate(
                   [val_set[i] for i in range(s, min(s + ev.batch_size, len(val_set)))]).items()})[0].item()
                   for s in range(0, len(val_set), ev.batch_size)]
-        out = {"val_loss": float(np.mean(losses))}
+        out = {"val_loss": float(np.mean(losses)),
+               **answer_nll(m, run.arm.objective, held["input_ids"], held["attention_mask"], held["labels"],
+                            mask_id=tokenizer.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size,
+                            seed=spec.seed)}
         if probes:
             rows = answer_questions(m, tokenizer, probes, sampler=run.arm.sampler, settings=settings,
                                     prompt_fn=lambda q: sft_prompt(tokenizer, q))
             out["accuracy"] = sum(r["correct"] for r in rows) / len(rows)
+            out["answer_f1"] = sum(r["f1"] for r in rows) / len(rows)
             out.update({f"accuracy_{d}": a for d, a in accuracy_by_direction(rows).items() if a == a})
+            if samples is not None:
+                samples.parent.mkdir(exist_ok=True)
+                samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return out
 
     trained, train_metrics = fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set,
@@ -163,11 +181,12 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
         trained.save_pretrained(run.dir / "adapter")
         trained = trained.merge_and_unload()
     save_checkpoint(run.dir / "checkpoint", trained, tokenizer, run.arm)
-    final = after_epoch(trained.eval())
+    final = after_epoch(trained.eval(), samples=run.dir / "eval" / "qa_samples.jsonl")
     result = {"run_id": run.run_id, "stage": "sft", "arm": run.arm.name, "objective": run.arm.objective,
               "parent": run.parent, "base": str(run.base), "sft_epochs": run.epochs, "lora": sft.lora,
-              "train_rows": len(train_rows), "val_loss_kind": f"SFT {LOSS_KIND[run.arm.objective]} (answer tokens)",
-              "final_val_loss": final["val_loss"], **{k: v for k, v in final.items() if k.startswith("accuracy")},
+              "train_rows": len(train_rows), "val_loss_kind": SFT_LOSS_KIND[run.arm.objective],
+              "final_val_loss": final["val_loss"], "answer_nll_kind": f"{LOSS_KIND[run.arm.objective]} of answer tokens",
+              **{k: v for k, v in final.items() if k.startswith(("accuracy", "answer_"))},
               **train_metrics, "wall_time_s": time.time() - started, "device": device}
     write_json_atomic(run.dir / RESULT_FILE, result)
     return result

@@ -166,7 +166,8 @@ class SFTSpec(Strict):
     """The SFT stage: each arm's pretrained model fine-tuned on Alpaca rows for each epoch count.
 
     `base` maps an arm to a local pretrained model folder (e.g. LLaDA-8B, Qwen2.5-7B); arms it does
-    not name start from their own pretraining run with the most unique tokens (`from_run`).
+    not name start from their own pretraining run with the most unique tokens, then the most epochs, then
+    the most non-embedding parameters (`from_run: most_unique`), or from every one (`from_run: all`).
     """
 
     source: str = "builtin:biographies"
