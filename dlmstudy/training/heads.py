@@ -204,10 +204,16 @@ def mdm_weights(masked: torch.Tensor, p_mask: torch.Tensor, *, norm: str = "batc
 def mdm_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
                   p_mask: torch.Tensor, *, norm: str = "batch_tokens", answer_len: torch.Tensor | None = None,
                   chunk: int = 2048, backend: str = "chunked", compiled: bool = False) -> torch.Tensor:
-    """`mdm_loss(model(noisy).logits, input_ids, masked, ...)` with the head run on masked positions only."""
-    weights = mdm_weights(masked, p_mask, norm=norm, answer_len=answer_len)
-    hidden = hidden_states(model, noisy)[masked]
-    return linear_cross_entropy(hidden, output_head(model).weight, input_ids[masked], weights=weights[masked],
+    """`mdm_loss(model(noisy).logits, input_ids, masked, ...)` with the head run on masked positions only.
+
+    The masked rows are found once, before the forward pass: finding them is the step's one device sync,
+    and there the GPU has little queued work to drain (after the forward it would idle while the host
+    launches the rest of the step)."""
+    rows = masked.flatten().nonzero().squeeze(1)
+    weights = mdm_weights(masked, p_mask, norm=norm, answer_len=answer_len).flatten().index_select(0, rows)
+    targets = input_ids.flatten().index_select(0, rows)
+    hidden = hidden_states(model, noisy).flatten(0, 1).index_select(0, rows)
+    return linear_cross_entropy(hidden, output_head(model).weight, targets, weights=weights,
                                 reduction="sum", chunk=chunk, backend=backend, compiled=compiled)
 
 
