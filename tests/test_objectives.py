@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dlmstudy.errors import UserError
-from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, ar_loss, batch_generator, build_objective,
+from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, ar_loss, batch_generator,
                                           forward_process, mdm_loss, sequence_noise)
+from dlmstudy.training.registry import build_objective
 
 LN2 = math.log(2)
 V, MASK = 4, 3  # vocabulary of 4 ids; id 3 is the mask token

@@ -42,7 +42,7 @@ from dlmstudy.runners.device import (
     resolve_device,
     synchronize,
 )
-from dlmstudy.training.objectives import build_objective
+from dlmstudy.training.registry import build_objective
 
 PARALLEL_THRESHOLD = 0.9
 MEASUREMENTS = ("train", "sample")

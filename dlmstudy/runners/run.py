@@ -38,7 +38,7 @@ from dlmstudy.runners.launch import process_rank
 from dlmstudy.runners.study import Run, StudyData, fast_path
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.heads import compile_body
-from dlmstudy.training.objectives import build_objective
+from dlmstudy.training.registry import build_objective
 from dlmstudy.training.tracking import (
     QuietProgress,
     ScalarMirror,

@@ -39,7 +39,7 @@ from dlmstudy.runners.study import Run, StudyData, fast_path, study_dir
 from dlmstudy.study.plan import config_digest
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.lora import apply_lora
-from dlmstudy.training.objectives import build_objective
+from dlmstudy.training.registry import build_objective
 
 
 @dataclass

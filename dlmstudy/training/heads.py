@@ -287,5 +287,3 @@ def compile_body(model: torch.nn.Module) -> torch.nn.Module:
         layer.compile()
     return model
 
-
-FAST_OBJECTIVES = {"mdm": FastMDMObjective, "ar": FastARObjective}

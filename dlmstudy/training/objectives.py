@@ -18,7 +18,6 @@ type do not change them. Only the random-length cut is decided per batch, by its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -174,21 +173,3 @@ class ARObjective:
             labels = input_ids if loss_mask is None else input_ids.masked_fill(~loss_mask.bool(), IGNORE)
         logits = model(input_ids=input_ids, attention_mask=batch.get("attention_mask")).logits
         return ar_loss(logits, labels), {}
-
-
-OBJECTIVES: dict[str, Callable[..., object]] = {"mdm": MDMObjective, "ar": ARObjective}
-
-
-def build_objective(name: str, *, fast_head: bool = False, **settings) -> MDMObjective | ARObjective:
-    """An objective by registry name with its settings (unknown settings are errors).
-
-    `fast_head` picks the exact fast path of `dlmstudy.training.heads` (output head only where a loss is
-    taken, chunked linear + cross-entropy); settings `chunk`, `backend`, `compiled` belong to it.
-    """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    if fast_head:
-        from dlmstudy.training.heads import FAST_OBJECTIVES
-
-        return FAST_OBJECTIVES[name](**settings)
-    return OBJECTIVES[name](**settings)
