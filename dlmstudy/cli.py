@@ -59,6 +59,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
              "arm": r.arm.name, "params_total": r.params.total, "params_non_embedding": r.params.non_embedding,
              "unique_tokens": r.unique_tokens, "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens,
              "n_matmul": e.n_matmul, "flops": e.flops, "flops_per_token": e.flops_per_token, "est_seconds": e.seconds,
+             "eval_tokens": e.eval_tokens, "est_eval_seconds": e.eval_seconds, "est_total_seconds": e.total_seconds,
              "bench_record": e.record.describe() if e.record else None} for r, e in zip(plan.runs, estimates)]
     sft_rows = [{"stage": "sft", "run_id": r.run_id if plan.exact_ids or r.parent is None else None,
                  "label": r.run_id if r.parent is None else f"sft-{r.arm.name}_e{r.epochs}", "arm": r.arm.name,
@@ -79,14 +80,14 @@ def cmd_plan(a: argparse.Namespace) -> None:
     if rows:
         print("FLOPs = 6 N D, N = matmul weights with the output head (as dlmstudy bench counts; the report's "
               "FLOPs use non-embedding N)")
-        print(f"time: training steps on one device (no evaluation, checkpoints or start-up), from "
-              f"{bench or 'no bench file (pass --bench FILE)'}")
+        print(f"time: training steps and validation passes on one device (no checkpoints, QA sampling or start-up), "
+              f"from {bench or 'no bench file (pass --bench FILE)'}")
         print(f"{'run':<40} {'arm':<12} {'params':>8} {'non-emb':>8} {'unique':>8} {'epochs':>7} {'total':>8} "
               f"{'FLOPs':>8} {'time':>8}")
     for r in rows:
         print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} {short_count(r['params_total']):>8} "
               f"{short_count(r['params_non_embedding']):>8} {short_count(r['unique_tokens']):>8} {r['epochs']:>7g} "
-              f"{short_count(r['total_tokens']):>8} {r['flops']:>8.3g} {format_duration(r['est_seconds']):>8}")
+              f"{short_count(r['total_tokens']):>8} {r['flops']:>8.3g} {format_duration(r['est_total_seconds']):>8}")
     if rows and not plan.exact_ids:
         print("run ids: labels only; the hash that ends each id covers the data, fixed when they are tokenized")
     for (arm, objective, record), e in {(r.arm.name, r.arm.objective, e.record): e
@@ -101,7 +102,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
             print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
                   "smaller batches run below the record's MFU, so read the time as a lower bound")
     if rows:
-        known = [e.seconds for e in estimates if e.seconds is not None]
+        known = [e.total_seconds for e in estimates if e.total_seconds is not None]
         time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
         print(f"total: {short_count(sum(r['total_tokens'] for r in rows))} tokens, "
               f"{sum(e.flops for e in estimates):.3g} FLOPs{time}")

@@ -83,6 +83,23 @@ def test_estimate_uses_the_given_bench_file_and_scales_with_tokens(empty_dir, ca
     assert all(r["est_seconds"] is None for r in other if r["arm"] == "qwen")  # GPU B has no AR record
 
 
+def test_estimate_adds_the_validation_forward_passes(empty_dir, capsys):
+    """TINY at L 32: 512 validation sequences (16,384 tokens); the 2,048-token run takes 4 steps of 16 sequences
+    and evaluates after each on the whole set, then once more at the end: 5 x 512 x 32 positions, times 32
+    Monte-Carlo draws for diffusion; forward only, so a third of a training step's time per token."""
+    (empty_dir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (empty_dir / "bench.json").write_text(json.dumps([bench_record("GPU", "mdm", 1e5, 4e8),
+                                                     bench_record("GPU", "ar", 1e5, 4e8)]))
+    rows, _ = plan_json(capsys, "tiny.yaml", "--bench", "bench.json")
+    small = {r["arm"]: r for r in rows if r["total_tokens"] == 2048}
+    assert small["qwen"]["eval_tokens"] == 5 * 512 * 32
+    assert small["llada"]["eval_tokens"] == 5 * 512 * 32 * 32
+    for r in small.values():
+        speed = 1e5 * 4e8 / r["flops_per_token"]
+        assert r["est_eval_seconds"] == pytest.approx(r["eval_tokens"] / (3 * speed))
+        assert r["est_total_seconds"] == pytest.approx(r["est_seconds"] + r["est_eval_seconds"])
+
+
 def test_closest_record_prefers_the_training_path_then_the_shape():
     def rec(mode: str, fpt: float, batch: int = 16) -> BenchRecord:
         return BenchRecord("H200", "x", "llada", "mdm", mode, batch, 1024, 1e5, fpt)

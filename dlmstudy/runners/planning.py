@@ -6,6 +6,7 @@ Built on `runners.study` (runs from the spec or the prepared data), `runners.sft
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,19 @@ def run_flops(run: Run) -> tuple[int, float]:
     return n, flops_per_token(n, run.size.num_layers, run.size.hidden_size, run.config["max_length"])
 
 
+def validation_tokens(spec: StudySpec, run: Run, arguments: dict) -> int:
+    """Token positions a run's validations run forward: every evaluation during training (on `eval_batches`
+    batches, or the whole validation set) and the final one on the whole set, times the diffusion draws."""
+    L = run.config["max_length"]
+    n_val = max(1, spec.data.validation_tokens // L)
+    during = min(n_val, spec.training.eval_batches * arguments["per_device_train_batch_size"]) or n_val
+    sequences = run.total_tokens // L
+    steps = math.ceil(sequences / arguments["per_device_train_batch_size"] / arguments["gradient_accumulation_steps"])
+    steps = arguments["max_steps"] if arguments.get("max_steps", -1) > 0 else steps
+    draws = spec.evaluation.mc_num if run.arm.objective == "mdm" else 1
+    return (steps // arguments["eval_steps"] * during + n_val) * L * draws
+
+
 def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], *,
                   device_name: str | None = None) -> list[Estimate]:
     """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
@@ -62,8 +76,9 @@ def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], 
     out = []
     for r in runs:
         n, fpt = run_flops(r)
-        batch = default_arguments(r.config, 1, "cpu")["per_device_train_batch_size"]
+        arguments = default_arguments(r.config, r.total_tokens // r.config["max_length"], "cpu")
+        batch = arguments["per_device_train_batch_size"]
         record = closest_record(records, objective=r.arm.objective, flops_per_token=fpt, seq_len=r.config["max_length"],
                                 batch=batch, mode=mode, device_name=device_name)
-        out.append(Estimate(r.total_tokens, n, fpt, record, batch))
+        out.append(Estimate(r.total_tokens, n, fpt, record, batch, validation_tokens(spec, r, arguments)))
     return out

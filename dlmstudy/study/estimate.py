@@ -9,7 +9,10 @@ MFU x peak = tokens/s x flops_per_token, carried over to the run's own FLOPs per
     time(run)     = D / tokens/s(run)
 
 where flops_per_token = 6 N + 12 layers d L (bench's count: attention scores and values included).
-Pure arithmetic over numbers and a JSON file; the runner counts N.
+Validation passes are forward only, a third of a training step's FLOPs per token, at the same
+achieved FLOP/s: eval time = eval tokens / (3 tokens/s(run)), where eval tokens counts every
+position each validation runs forward (times the Monte-Carlo draws for diffusion).
+Pure arithmetic over numbers and a JSON file; the runner counts N and the eval tokens.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Estimate:
     flops_per_token: float
     record: BenchRecord | None
     batch: int = 0  # the run's sequences per device step, to compare with the record's
+    eval_tokens: int = 0  # token positions the run's validations run forward
 
     @property
     def flops(self) -> float:
@@ -112,6 +116,16 @@ class Estimate:
     def seconds(self) -> float | None:
         """Training time on one device, D / tokens/s."""
         return None if self.tokens_per_s is None else self.tokens / self.tokens_per_s
+
+    @property
+    def eval_seconds(self) -> float | None:
+        """Validation time on one device: forward passes, a third of a training step's FLOPs per token."""
+        return None if self.tokens_per_s is None else self.eval_tokens / (3 * self.tokens_per_s)
+
+    @property
+    def total_seconds(self) -> float | None:
+        """Training and validation (no checkpoints, QA sampling or start-up)."""
+        return None if self.seconds is None else self.seconds + self.eval_seconds
 
 
 def format_duration(seconds: float | None) -> str:
