@@ -220,13 +220,16 @@ def mdm_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, noisy: torch.
 def ar_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, chunk: int = 2048, backend: str = "chunked",
                  compiled: bool = False) -> torch.Tensor:
-    """`ar_loss(model(input_ids).logits, labels)`, the head run only where a label is scored (labels None: all)."""
-    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
+    """`ar_loss(model(input_ids).logits, labels)`, the head run only where a label is scored (labels None: all).
+
+    With labels, the scored rows are found before the forward pass (one device sync, as in `mdm_loss_fast`)."""
     if labels is None:
-        hidden, targets = hidden.flatten(0, 1), input_ids[:, 1:].flatten()
+        hidden = hidden_states(model, input_ids, attention_mask)[:, :-1].flatten(0, 1)
+        targets = input_ids[:, 1:].flatten()
     else:
-        scored = labels[:, 1:] != IGNORE
-        hidden, targets = hidden[scored], labels[:, 1:][scored]
+        rows = (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+        targets = labels[:, 1:].flatten().index_select(0, rows)
+        hidden = hidden_states(model, input_ids, attention_mask)[:, :-1].flatten(0, 1).index_select(0, rows)
     loss = linear_cross_entropy(hidden, output_head(model).weight, targets, reduction="sum", chunk=chunk,
                                 backend=backend, compiled=compiled)
     return loss / targets.numel()
