@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,6 +87,12 @@ def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                          "question": q.instruction, "expected": q.output, "answer": answer,
                          "correct": answer == q.output, "f1": token_f1(text, q.output)})
     return rows
+
+
+def save_answers(rows: list[dict], path: Path) -> None:
+    """The probes' answers as JSON lines (eval/qa_samples.jsonl), for reading what a model said."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def accuracy_by_direction(rows: list[dict]) -> dict[str, float]:

@@ -8,7 +8,6 @@ logs), checkpoint/ (the final model), eval/ (probe answers) and result.json.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import shutil
@@ -29,6 +28,7 @@ from dlmstudy.evaluation.qa import (
     DecodeSettings,
     accuracy_by_direction,
     answer_questions,
+    save_answers,
 )
 from dlmstudy.evaluation.validation import LOSS_KIND, validation_loss
 from dlmstudy.models.backbones import build_config, build_model
@@ -177,9 +177,7 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
                           mask_id=data.tokens.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
     rows = answer_questions(model, data.tokenizer, probes, sampler=run.arm.sampler,
                             settings=DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size)) if probes else []
-    (run.dir / "eval").mkdir(exist_ok=True)
-    with (run.dir / "eval" / "qa_samples.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    save_answers(rows, run.dir / "eval" / "qa_samples.jsonl")
     acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
     metrics = {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
                "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}

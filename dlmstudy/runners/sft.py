@@ -6,7 +6,6 @@ same `fit` loop; its base is the arm's pretraining run (or a local model named i
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from dlmstudy.evaluation.qa import (
     DecodeSettings,
     accuracy_by_direction,
     answer_questions,
+    save_answers,
 )
 from dlmstudy.evaluation.validation import LOSS_KIND, answer_nll
 from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
@@ -169,8 +169,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
             out["answer_f1"] = sum(r["f1"] for r in rows) / len(rows)
             out.update({f"accuracy_{d}": a for d, a in accuracy_by_direction(rows).items() if a == a})
             if samples is not None:
-                samples.parent.mkdir(exist_ok=True)
-                samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                save_answers(rows, samples)
         return out
 
     trained, train_metrics = fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set,
