@@ -174,7 +174,7 @@ TRAIN_MODES = {"plain": {}, "fast": {"fast_head": True}, "fast-compiled": {"fast
                "fast-liger": {"fast_head": True, "backend": "liger"}}
 
 
-def profile_steps(step: Callable[[], None], device: str, path: Path, steps: int = 5) -> float:
+def profile_steps(step: Callable[[], None], device: str, path: Path, steps: int = 5) -> float | None:
     """Run `steps` more steps under torch.profiler; write the operator table (sorted by self device time on an
     accelerator, self CPU time on CPU) to `path`; return the device's busy seconds per step (CPU: None)."""
     from torch.autograd import DeviceType

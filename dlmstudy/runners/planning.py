@@ -6,7 +6,6 @@ Built on `runners.study` (runs from the spec or the prepared data), `runners.sft
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from dlmstudy.models.backbones import SpecialTokens, build_config
 from dlmstudy.runners.bench import flops_per_token, matmul_params
-from dlmstudy.runners.run import default_arguments
+from dlmstudy.runners.run import default_arguments, optimizer_steps
 from dlmstudy.runners.sft import resolve_sft_runs
 from dlmstudy.runners.study import MissingInput, Run, missing_inputs, plan_tokens, prepare_data, resolve_runs
 from dlmstudy.study.estimate import BenchRecord, Estimate, closest_record
@@ -61,9 +60,7 @@ def validation_tokens(spec: StudySpec, run: Run, arguments: dict) -> int:
     L = run.config["max_length"]
     n_val = max(1, spec.data.validation_tokens // L)
     during = min(n_val, spec.training.eval_batches * arguments["per_device_train_batch_size"]) or n_val
-    sequences = run.total_tokens // L
-    steps = math.ceil(sequences / arguments["per_device_train_batch_size"] / arguments["gradient_accumulation_steps"])
-    steps = arguments["max_steps"] if arguments.get("max_steps", -1) > 0 else steps
+    steps = optimizer_steps(arguments, run.total_tokens // L)
     draws = spec.evaluation.mc_num if run.arm.objective == "mdm" else 1
     return (steps // arguments["eval_steps"] * during + n_val) * L * draws
 

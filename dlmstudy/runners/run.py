@@ -78,6 +78,13 @@ class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; the run resumes next time."""
 
 
+def optimizer_steps(arguments: dict, n_samples: int) -> int:
+    """Optimizer steps of a run over `n_samples` sequences (one pass: epochs are in its order), or `max_steps`."""
+    if arguments.get("max_steps", -1) > 0:
+        return arguments["max_steps"]
+    return math.ceil(n_samples / arguments["per_device_train_batch_size"] / arguments["gradient_accumulation_steps"])
+
+
 def default_arguments(config: dict, n_samples: int, device: str, *, evals: int = 8) -> dict:
     """TrainingArguments defaults for a run; the spec's `training:` keys override them."""
     args = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
@@ -85,8 +92,7 @@ def default_arguments(config: dict, n_samples: int, device: str, *, evals: int =
             "max_grad_norm": 1.0, "save_total_limit": 2,
             "logging_nan_inf_filter": False}  # log a non-finite loss as it is, and skip a per-step device sync
     args.update(config["training"])
-    steps = math.ceil(n_samples / args["per_device_train_batch_size"] / args["gradient_accumulation_steps"])
-    steps = args.get("max_steps", -1) if args.get("max_steps", -1) > 0 else steps
+    steps = optimizer_steps(args, n_samples)
     args.setdefault("logging_steps", max(1, steps // 50))
     every = config.get("objective_settings", {}).get("eval_every") or max(1, steps // evals)
     args.setdefault("eval_steps", every)
