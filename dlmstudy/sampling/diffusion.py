@@ -63,8 +63,7 @@ def top_k_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def accepts(model: torch.nn.Module, name: str) -> bool:
     """Whether the transformers model under any wrappers takes the keyword argument `name` explicitly.
 
-    The wrappers (accelerate's mixed-precision forward inside the Trainer, peft) take **kwargs and pass it on,
-    so their own signatures say nothing."""
+    A wrapper's own signature can say nothing: peft's forward takes **kwargs and passes them on."""
     return name in inspect.signature(type(unwrap_model(model)).forward).parameters
 
 
