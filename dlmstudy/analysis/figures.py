@@ -101,8 +101,10 @@ def loss_vs_epochs(runs: pd.DataFrame, path: Path) -> Path | None:
     by = "unique_tokens" if runs.groupby(["arm", "model", "unique_tokens"])["epochs"].nunique().max() > 1 else "tokens"
     colours = _palette(runs["arm"])
     styles = dict(zip(sorted(runs[by].unique()), ["-", "--", ":", "-."] * 8))
+    markers = dict(zip(sorted(runs["model"].unique()), "osD^v<>p" * 4))  # one marker per model size
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, column, title in ((axes[0], "final_val_loss", "final"), (axes[1], "best_val_loss", "best during training")):
+        starred = set()  # epoch counts whose AR minimum is already labelled on this panel
         for (arm, model, key), line in runs.groupby(["arm", "params_non_embedding", by]):
             line_model = line["model"].iloc[0]
             line = line.groupby("epochs", as_index=False).agg(  # replicate seeds: their mean
@@ -110,13 +112,15 @@ def loss_vs_epochs(runs: pd.DataFrame, path: Path) -> Path | None:
             label = (f"{arm}{' ' + line_model if runs['model'].nunique() > 1 else ''}, "
                      f"{'U' if by == 'unique_tokens' else 'D'}={short_count(key)}")
             err = Z * line["final_val_loss_stderr"].fillna(0) if column == "final_val_loss" else None
-            ax.errorbar(line["epochs"], line[column], yerr=err, marker="o", ms=4, capsize=2, color=colours[arm],
-                        ls=styles[key], label=label)
+            ax.errorbar(line["epochs"], line[column], yerr=err, marker=markers[line_model], ms=4, capsize=2,
+                        color=colours[arm], ls=styles[key], label=label)
             if line["objective"].iloc[0] == "ar" and len(line) > 1:
                 best = line.loc[line[column].idxmin()]
                 ax.plot(best["epochs"], best[column], marker="*", ms=15, color=colours[arm], mec="black", ls="none")
-                ax.annotate(f"AR min: R={best['epochs']:.3g}", (best["epochs"], best[column]),
-                            textcoords="offset points", xytext=(5, 8), fontsize=8)
+                if best["epochs"] not in starred:
+                    starred.add(best["epochs"])
+                    ax.annotate(f"AR min: R={best['epochs']:.3g}", (best["epochs"], best[column]),
+                                textcoords="offset points", xytext=(5, 8), fontsize=8)
         _log_x(ax, runs["epochs"])
         ax.set_xlabel("epochs (log scale)")
         ax.set_ylabel(LOSS_LABEL)
