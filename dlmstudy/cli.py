@@ -206,6 +206,9 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--use_cache", action="store_true", default=None,
                    help="diffusion, Fast-dLLM: per-block prefix KV cache")
     s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")
+    s.add_argument("--compiled", action="store_true",
+                   help="torch.compile + CUDA graphs: the same tokens, faster on GPUs after a compile per shape "
+                        "(AR: greedy only)")
     s.add_argument("--chat_template", action="store_true", default=True,
                    help="wrap the prompt in the tokenizer's chat template (default)")
     s.add_argument("--no_chat_template", dest="chat_template", action="store_false",

@@ -35,16 +35,19 @@ def test_bench_cpu_tiny_writes_one_training_record_per_arm(tmp_path, capsys):
         assert 0 < r["params_non_embedding"] < r["params_total"]
     sample = [r for r in records if r["measurement"] == "sample"]
     assert {r["arm"] for r in sample} == {"llada"}  # the diffusion sampler belongs to the MDM arm
-    assert {r["mode"] for r in sample} == {"plain", "cached", "parallel"}
+    assert {r["mode"] for r in sample} == {"plain", "cached", "parallel", "compiled", "parallel-compiled"}
     for r in sample:
         assert r["tokens_per_s"] > 0
+        assert (r["same_tokens_as_eager"] == 1.0) if "compiled" in r["mode"] else r["same_tokens_as_eager"] is None
         blocks = r["gen_length"] // r["block_length"]
-        if r["mode"] == "parallel":
+        if "parallel" in r["mode"]:
             assert blocks <= r["forward_passes"] <= r["gen_length"]  # at least one token committed per pass
         else:
             assert r["forward_passes"] == r["steps"]
     decode = [r for r in records if r["measurement"] == "ar_decode"]
-    assert [(r["arm"], r["forward_passes"]) for r in decode] == [("qwen", 8)] and decode[0]["tokens_per_s"] > 0
+    assert [(r["arm"], r["mode"], r["forward_passes"]) for r in decode] == [
+        ("qwen", "hf_generate", 8), ("qwen", "kv_cache", 8), ("qwen", "static_compiled", 8)]
+    assert all(r["tokens_per_s"] > 0 for r in decode) and decode[2]["same_tokens_as_eager"] == 1.0
     assert "tokens/s" in capsys.readouterr().out
 
 

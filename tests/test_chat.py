@@ -48,7 +48,8 @@ def test_options_follow_the_arm():
     assert (kwargs["gen_length"], kwargs["steps"], kwargs["block_length"]) == (16, 16, 16)
     assert DecodeOptions(max_length=64, steps=8).sampler_kwargs(diffusion)["block_length"] == 32
     assert DecodeOptions(max_length=9, top_p=None).sampler_kwargs(ar) == {
-        "max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0}
+        "max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "compiled": False}
+    assert DecodeOptions(compiled=True).sampler_kwargs(diffusion)["compiled"] is True
     with pytest.raises(UserError, match="--cfg is an option of diffusion decoding"):
         DecodeOptions(cfg=0.0).sampler_kwargs(ar)
     with pytest.raises(UserError, match="--top_p is an option of AR decoding"):

@@ -47,7 +47,7 @@ def train(out: Path, per_device_batch: int) -> None:
 
         def recording_objective(m, batch, objective=objective, seen=seen):
             loss, metrics = objective(m, batch)
-            seen.append({"rows": batch["index"].tolist(), "loss": loss.item()})
+            seen.append({"rows": torch.as_tensor(batch["index"]).tolist(), "loss": loss.item()})
             return loss, metrics
 
         args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=per_device_batch,

@@ -245,3 +245,17 @@ def test_objective_settings_are_checked():
         MDMObjective(mask_id=MASK, sft_norm="batch")
     with pytest.raises(UserError, match="eps"):
         MDMObjective(mask_id=MASK, eps=0.0)
+
+
+def test_corrupt_finds_the_masked_rows_on_the_host():
+    """Pretraining: the masked rows come with the noised batch (no device sync), also after a random-length cut;
+    SFT: only answer tokens are masked and the rows are left to the caller."""
+    ids = torch.randint(0, MASK, (4, 24))
+    for ratio in (0.0, 1.0):
+        c = MDMObjective(mask_id=MASK, random_length_ratio=ratio).corrupt({"input_ids": ids, "index": [3, 4, 5, 6]})
+        assert torch.equal(c.rows, c.masked.flatten().nonzero().squeeze(1)) and len(c.rows) > 0
+        assert (c.noisy[c.masked] == MASK).all() and torch.equal(c.noisy[~c.masked], c.input_ids[~c.masked])
+    answer = torch.zeros(4, 24, dtype=torch.long)
+    answer[:, 12:] = 1
+    c = MDMObjective(mask_id=MASK).corrupt({"input_ids": ids, "index": torch.arange(4), "loss_mask": answer})
+    assert c.rows is None and c.masked.any() and not c.masked[:, :12].any()

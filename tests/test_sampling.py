@@ -13,6 +13,7 @@ from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 from dlmstudy.sampling import SAMPLERS, SamplerArgumentError, ar_generate, generate, sample
 from dlmstudy.sampling.autoregressive import next_token
+from dlmstudy.sampling import diffusion
 from dlmstudy.sampling.diffusion import cache_kwargs, crop_cache, num_transfer_tokens
 from reference_llada_generate import reference_generate, schedule
 
@@ -441,3 +442,29 @@ def test_a_lora_model_runs_the_head_on_the_current_block_only():
     finally:
         hook.remove()
     assert out.shape == (2, 14) and rows and set(rows) == {4}
+
+
+@pytest.mark.parametrize("backbone", ["llada", "qwen"])
+def test_compiled_ar_decoding_gives_the_eager_loops_tokens(backbone):
+    """Static-cache decoding through transformers' generate: the same greedy tokens, left padding, end tokens
+    and early stop as our loop; nothing ends early without an end token, even the model config's."""
+    model = tiny_model(causal=True, backbone=backbone)
+    _, batch, mask = prompts([3, 7, 5])
+    free = ar_generate(model, batch, max_new_tokens=8, attention_mask=mask)
+    for eos in (None, int(free[0, 7 + 1]), model.config.eos_token_id):
+        eager = ar_generate(model, batch, max_new_tokens=8, attention_mask=mask, eos_id=eos)
+        assert torch.equal(ar_generate(model, batch, max_new_tokens=8, attention_mask=mask, eos_id=eos, compiled=True),
+                           eager)
+    with pytest.raises(SamplerArgumentError, match="greedy only"):
+        ar_generate(model, batch, max_new_tokens=4, temperature=1.0, compiled=True)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_compiled_diffusion_sampler_gives_the_eager_samplers_tokens(mdm, threshold):
+    _, batch, mask = prompts([3, 6])
+    options = dict(steps=8, gen_length=8, block_length=4, threshold=threshold, attention_mask=mask,
+                   return_history=True)
+    eager, eager_steps = generate(mdm, batch, **options)
+    compiled, compiled_steps = generate(mdm, batch, compiled=True, **options)
+    assert torch.equal(compiled, eager) and torch.equal(compiled_steps, eager_steps)
+    assert mdm in diffusion._COMPILED_MODELS  # the compiled path ran

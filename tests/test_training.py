@@ -225,6 +225,23 @@ def test_fast_head_inside_the_trainer_runs_in_the_mixed_precision_dtype(tmp_path
         assert f["loss"] == pytest.approx(p["loss"], rel=2e-2)
 
 
+def test_the_objective_gets_each_batchs_index_on_the_host(tmp_path):
+    """The noise is seeded from the rows' indices on the host: the Trainer must not move them to the device (on a
+    GPU that would cost a device sync per step), and the rows come in the run's order."""
+    seen = []
+    objective = MDMObjective(mask_id=TOKENS.mask_token_id)
+
+    def recording(model, batch):
+        seen.append(batch["index"])
+        return objective(model, batch)
+
+    trainer = pretrain(tmp_path, objective, n=8, epochs=1)
+    trainer.objective = recording
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    assert seen == [list(range(trainer.args.per_device_train_batch_size))]
+
+
 # --- Tracking -----------------------------------------------------------------------------------------------------
 
 

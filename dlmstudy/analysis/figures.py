@@ -213,21 +213,23 @@ def accuracy_by_arm(reversal: pd.DataFrame, path: Path) -> Path | None:
 
 
 def sampler_heatmaps(grid: pd.DataFrame, value: str, path: Path, runs: pd.DataFrame | None = None) -> Path | None:
-    """`value` (accuracy or tokens_per_s) over steps × block length, one panel per run and threshold."""
+    """`value` (accuracy or tokens_per_s) over steps × block length, one panel per run, threshold and compiled."""
     if grid.empty or value not in grid:
         return None
-    df = grid.assign(threshold=grid["threshold"].map(lambda t: "off" if pd.isna(t) else f"{t:g}"))
+    compiled = grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False  # older grids: eager
+    df = grid.assign(threshold=grid["threshold"].map(lambda t: "off" if pd.isna(t) else f"{t:g}"), compiled=compiled)
     labels = {}
     if runs is not None and len(runs):
         labels = {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
-    panels = sorted(df.groupby(["run_id", "threshold"]).groups)
+    panels = sorted(df.groupby(["run_id", "threshold", "compiled"]).groups)
     fig, axes = _grid(len(panels), width=4.4, height=3.6, wrap=3)
-    for ax, (run_id, threshold) in zip(axes, panels):
-        cell = df[(df["run_id"] == run_id) & (df["threshold"] == threshold)]
+    for ax, (run_id, threshold, is_compiled) in zip(axes, panels):
+        cell = df[(df["run_id"] == run_id) & (df["threshold"] == threshold) & (df["compiled"] == is_compiled)]
         table = cell.pivot_table(index="steps", columns="block_length", values=value)
         sns.heatmap(table, annot=True, fmt=".2f" if value == "accuracy" else ".3g", cmap="viridis", ax=ax, cbar=False,
                     annot_kws={"fontsize": 7})
-        ax.set_title(f"{labels.get(run_id, run_id)}\nthreshold {threshold}", fontsize=8)
+        ax.set_title(f"{labels.get(run_id, run_id)}\nthreshold {threshold}" + (", compiled" if is_compiled else ""),
+                     fontsize=8)
     fig.suptitle(f"Sampler grid: {value.replace('tokens_per_s', 'tokens/s')}", fontsize=10)
     return _save(fig, path)
 

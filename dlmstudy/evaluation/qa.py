@@ -26,6 +26,7 @@ class DecodeSettings:
     block_length: int = 16
     batch_size: int = 32
     threshold: float | None = None
+    compiled: bool = False
 
 
 def extract_answer(text: str) -> str:
@@ -74,9 +75,9 @@ def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if sampler == "diffusion":
             opts = dict(steps=settings.steps, gen_length=settings.gen_length, block_length=settings.block_length,
-                        mask_id=model.config.mask_token_id, threshold=settings.threshold)
+                        mask_id=model.config.mask_token_id, threshold=settings.threshold, compiled=settings.compiled)
         else:
-            opts = dict(max_new_tokens=settings.gen_length, eos_id=tokenizer.eos_token_id)
+            opts = dict(max_new_tokens=settings.gen_length, eos_id=tokenizer.eos_token_id, compiled=settings.compiled)
         with torch.no_grad():
             out = sample(model, prompt, sampler=sampler, attention_mask=mask, **opts)
         texts = [tokenizer.decode(cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True)

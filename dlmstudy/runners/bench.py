@@ -2,19 +2,21 @@
 
 Training: forward + backward + optimizer step of the arm's own objective (bf16 autocast on
 accelerators, fused AdamW on cuda, gradient clipping at 1.0 as the Trainer does) on random tokens;
-the step time is the median of the timed steps after warm-up. MFU as in REFERENCES.md:
+the step time is the mean of the timed steps after warm-up, run back to back with one device sync
+at the end (as a training loop runs: the host may queue work ahead of the device). MFU as in
+REFERENCES.md:
 
     MFU = tokens/s x (6 N_matmul + 12 n_layers d L) / peak FLOP/s
 
 N_matmul counts the weights of every matmul (output head included, embedding lookup not), L is the
 sequence length. Sampling: tokens/s of LLaDA's sampler (plain, parallel decoding at threshold 0.9,
-prefix cache) across steps and block lengths for diffusion arms, KV-cached decoding for AR arms.
+prefix cache, each eager and compiled) across steps and block lengths for diffusion arms; for AR arms
+transformers' `generate`, our KV-cached loop and compiled static-cache decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +39,7 @@ from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.runners.device import (
     autocast,
     device_name,
+    supports_bf16,
     peak_memory,
     reset_peak_memory,
     resolve_device,
@@ -205,7 +208,8 @@ def profile_steps(step: Callable[[], None], device: str, path: Path, steps: int 
 def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *, steps: int = 10,
                    warmup: int = 3, peak: float | None = None, mode: str = "plain",
                    profile: Path | None = None, head_chunk: int = 2048) -> dict:
-    """Median step time and tokens/s of the arm's training step on random tokens (the model is trained in place).
+    """Mean step time and tokens/s of the arm's training step on random tokens (the model is trained in place):
+    `steps` steps after `warmup`, timed together with one device sync at the end, as a training loop runs.
 
     With `profile` (a folder), a few more steps run under torch.profiler and its table is written there."""
     if mode not in TRAIN_MODES:
@@ -232,24 +236,30 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def batch(i: int) -> dict[str, torch.Tensor]:  # the index stays on the host, as the run's collator leaves it
+        return {"input_ids": torch.randint(0, cfg.tokens.mask_token_id, (B, L), device=device),
+                "index": torch.arange(i * B, (i + 1) * B)}
+
     reset_peak_memory(device)
-    times = []
-    for i in range(warmup + steps):  # each step gets fresh random tokens, drawn outside the timed region
-        batch = {"input_ids": torch.randint(0, cfg.tokens.mask_token_id, (B, L), device=device),
-                 "index": torch.arange(i * B, (i + 1) * B, device=device)}
-        times.append(_timed(device, lambda: step(batch))[0])
-    times = times[warmup:]
-    step_time = statistics.median(times)
+    for i in range(warmup):
+        step(batch(i))
+    batches = [batch(warmup + i) for i in range(steps)]  # drawn before the clock starts
+    seconds, _ = _timed(device, lambda: [step(b) for b in batches])  # one sync at the end, as a training loop runs
+    step_time = seconds / steps
     tokens_per_s = B * L / step_time
     flops = flops_per_token(matmul_params(model), cfg.size.num_layers, cfg.size.hidden_size, L)
     extra = {"head_chunk": head_chunk} if options.get("fast_head") else {}
     if profile is not None:
         path = Path(profile) / (f"{cfg.name}-{arm.name}-{mode}" + (f"-chunk{head_chunk}.txt" if extra else ".txt"))
-        extra.update(profile=str(path), device_busy_s=profile_steps(lambda: step(batch), device, path))
+        extra.update(profile=str(path), device_busy_s=profile_steps(lambda: step(batches[-1]), device, path))
     model.eval()
     return _record("train", arm, cfg, device, model, mode=mode, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
                    step_time_s=step_time, mfu=mfu(tokens_per_s, flops, peak), flops_per_token=flops,
                    peak_flops=peak, peak_memory_gb=peak_memory(device) / 1e9, timed_steps=steps, **extra)
+
+
+SAMPLE_MODES = {"plain": {}, "cached": {"use_cache": True}, "parallel": {"threshold": PARALLEL_THRESHOLD},
+                "compiled": {"compiled": True}, "parallel-compiled": {"threshold": PARALLEL_THRESHOLD, "compiled": True}}
 
 
 def sampling_grid(cfg: BenchConfig) -> list[tuple[str, int, int]]:
@@ -260,46 +270,79 @@ def sampling_grid(cfg: BenchConfig) -> list[tuple[str, int, int]]:
             continue
         blocks = cfg.gen_length // block
         grid += [(mode, s, block) for s in cfg.sample_steps if s % blocks == 0 and s <= cfg.gen_length
-                 for mode in ("plain", "cached")]
-        grid.append(("parallel", cfg.gen_length, block))
+                 for mode in ("plain", "cached", "compiled")]
+        grid += [("parallel", cfg.gen_length, block), ("parallel-compiled", cfg.gen_length, block)]
     return grid
+
+
+def _agreement(tokens: torch.Tensor, reference: torch.Tensor | None) -> float | None:
+    """Share of generated tokens equal to the eager sampler's for the same settings (None: nothing to compare)."""
+    if reference is None or reference.shape != tokens.shape:
+        return None
+    return float((tokens == reference).float().mean())
+
+
+def _hf_generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """transformers' `generate` as it comes (greedy, dynamic KV cache), for the AR reference figure."""
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=[], pad_token_id=0)
 
 
 @torch.no_grad()
 def bench_sampling(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str) -> list[dict]:
-    """Generated tokens/s: LLaDA's sampler over `sampling_grid` (diffusion arms) or KV-cached decoding (AR arms)."""
+    """Generated tokens/s of the arm's sampler: LLaDA's over `sampling_grid` (diffusion), or for AR transformers'
+    `generate`, our KV-cached loop and compiled static-cache decoding. Each setting runs twice and the second
+    run is timed (the first compiles and warms caches); compiled modes report their agreement with eager."""
     from dlmstudy.sampling import ar_generate, generate
 
     model.eval()
+    if supports_bf16(device):  # bf16 weights, as a model is served (a static KV cache takes the weights' dtype)
+        model = model.to(torch.bfloat16)
     g = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, cfg.tokens.mask_token_id, (cfg.sample_batch, cfg.prompt_len), generator=g).to(device)
     common = dict(batch=cfg.sample_batch, seq_len=cfg.prompt_len + cfg.gen_length, prompt_len=cfg.prompt_len,
                   gen_length=cfg.gen_length, mfu=None)
     new_tokens = cfg.sample_batch * cfg.gen_length
+
+    def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        fn()
+        reset_peak_memory(device)
+        return _timed(device, fn)
+
     records = []
     if arm.sampler == "ar":
-        with autocast(device):
-            ar_generate(model, prompt, max_new_tokens=cfg.gen_length)  # warm-up
-            reset_peak_memory(device)
-            seconds, _ = _timed(device, lambda: ar_generate(model, prompt, max_new_tokens=cfg.gen_length))
-        return [_record("ar_decode", arm, cfg, device, model, mode="kv_cache", steps=cfg.gen_length, block_length=1,
-                        forward_passes=cfg.gen_length, tokens_per_s=new_tokens / seconds, step_time_s=seconds,
-                        peak_memory_gb=peak_memory(device) / 1e9, **common)]
-    options = {"plain": {}, "cached": {"use_cache": True}, "parallel": {"threshold": PARALLEL_THRESHOLD}}
+        runs = {"hf_generate": lambda: _hf_generate(model, prompt, cfg.gen_length),
+                "kv_cache": lambda: ar_generate(model, prompt, max_new_tokens=cfg.gen_length),
+                "static_compiled": lambda: ar_generate(model, prompt, max_new_tokens=cfg.gen_length, compiled=True)}
+        eager = None
+        for mode, fn in runs.items():
+            seconds, out = timed(fn)
+            eager = out if mode == "kv_cache" else eager
+            records.append(_record("ar_decode", arm, cfg, device, model, mode=mode, steps=cfg.gen_length,
+                                   block_length=1, forward_passes=cfg.gen_length, tokens_per_s=new_tokens / seconds,
+                                   step_time_s=seconds, peak_memory_gb=peak_memory(device) / 1e9,
+                                   same_tokens_as_eager=_agreement(out, eager) if mode == "static_compiled" else None,
+                                   **common))
+        return records
     grid = sampling_grid(cfg)
     if not grid:
         raise UserError(f"bench config {cfg.name}: no valid (steps, block_length) for gen_length {cfg.gen_length}")
-    with autocast(device):
-        for mode, steps, block in [grid[0]] + grid:  # the first run warms up kernels and caches
-            reset_peak_memory(device)
-            seconds, (_, history) = _timed(device, lambda: generate(
-                model, prompt, steps=steps, gen_length=cfg.gen_length, block_length=block,
-                mask_id=cfg.tokens.mask_token_id, return_history=True, **options[mode]))
-            records.append(_record("sample", arm, cfg, device, model, mode=mode,
-                                   steps=None if mode == "parallel" else steps, block_length=block,
-                                   forward_passes=int(history.max()) + 1, tokens_per_s=new_tokens / seconds,
-                                   step_time_s=seconds, peak_memory_gb=peak_memory(device) / 1e9, **common))
-    return records[1:]
+    eager: dict[tuple, torch.Tensor] = {}
+    for mode, steps, block in grid:
+        options = SAMPLE_MODES[mode]
+        seconds, (out, history) = timed(lambda: generate(
+            model, prompt, steps=steps, gen_length=cfg.gen_length, block_length=block,
+            mask_id=cfg.tokens.mask_token_id, return_history=True, **options))
+        key = (steps, block, options.get("threshold"))
+        if not options.get("compiled"):
+            eager.setdefault(key, out)
+        records.append(_record("sample", arm, cfg, device, model, mode=mode,
+                               steps=None if "parallel" in mode else steps, block_length=block,
+                               forward_passes=int(history.max()) + 1, tokens_per_s=new_tokens / seconds,
+                               step_time_s=seconds, peak_memory_gb=peak_memory(device) / 1e9,
+                               same_tokens_as_eager=_agreement(out, eager.get(key)) if options.get("compiled")
+                               else None, **common))
+    return records
 
 
 def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), configs: Iterable[str] = ("tiny",),
@@ -346,15 +389,17 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
 
 def format_records(records: list[dict]) -> str:
     """An aligned text table of benchmark records."""
-    head = f"{'config':<12} {'arm':<10} {'measure':<10} {'mode':<9} {'steps':>5} {'passes':>6} {'block':>5} " \
-           f"{'batch':>5} {'seq':>5} {'tokens/s':>11} {'step s':>9} {'MFU':>6} {'peak GB':>8}"
+    head = f"{'config':<12} {'arm':<10} {'measure':<10} {'mode':<17} {'steps':>5} {'passes':>6} {'block':>5} " \
+           f"{'batch':>5} {'seq':>5} {'tokens/s':>11} {'step s':>9} {'MFU':>6} {'peak GB':>8} {'same':>5}"
     lines = [head]
     for r in records:
         mfu_text = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"{r['config'][:12]:<12} {r['arm']:<10} {r['measurement']:<10} {r.get('mode', '-'):<9} "
+        same = f"{r['same_tokens_as_eager']:.0%}" if r.get("same_tokens_as_eager") is not None else "-"
+        lines.append(f"{r['config'][:12]:<12} {r['arm']:<10} {r['measurement']:<10} {r.get('mode', '-'):<17} "
                      f"{r.get('steps') or '-':>5} {r.get('forward_passes', '-'):>6} {r.get('block_length', '-'):>5} "
                      f"{r['batch']:>5} {r['seq_len']:>5} "
-                     f"{r['tokens_per_s']:>11,.0f} {r['step_time_s']:>9.4f} {mfu_text:>6} {r['peak_memory_gb']:>8.2f}")
+                     f"{r['tokens_per_s']:>11,.0f} {r['step_time_s']:>9.4f} {mfu_text:>6} {r['peak_memory_gb']:>8.2f} "
+                     f"{same:>5}")
     return "\n".join(lines)
 
 

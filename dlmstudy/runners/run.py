@@ -100,6 +100,8 @@ def default_arguments(config: dict, n_samples: int, device: str, *, evals: int =
     args.update(eval_strategy="steps", save_strategy="steps", report_to="none", seed=config["seed"],
                 remove_unused_columns=False, dataloader_num_workers=0, num_train_epochs=1,
                 use_cpu=device == "cpu", disable_tqdm=False)
+    if device == "cuda":  # batches move to the GPU asynchronously from pinned memory: no device sync per step
+        args.setdefault("accelerator_config", {"non_blocking": True})
     if device != "cpu" and "bf16" not in config["training"]:
         args["bf16"] = supports_bf16(device)
     if device == "npu" and "optim" not in config["training"]:
@@ -182,7 +184,8 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
     val = validation_loss(model, run.arm.objective, torch.from_numpy(data.validation.astype("int64")),
                           mask_id=data.tokens.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
     rows = answer_questions(model, data.tokenizer, probes, sampler=run.arm.sampler,
-                            settings=DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size)) if probes else []
+                            settings=DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size,
+                                                     compiled=ev.compiled)) if probes else []
     save_answers(rows, run.dir / "eval" / "qa_samples.jsonl")
     acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
     metrics = {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
@@ -196,19 +199,22 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
 
 
 def sampler_grid(model, tokenizer, probes: list[QAItem], ev) -> pd.DataFrame:
-    """Accuracy and generated tokens/s of the diffusion sampler for each valid (steps, block_length, threshold)."""
+    """Accuracy and generated tokens/s of the diffusion sampler for each valid (steps, block_length, threshold,
+    compiled); a compiled setting is run once untimed first (it compiles per shape)."""
     rows = []
     g = ev.sampler_grid
-    for steps, block, threshold in itertools.product(g.steps, g.block_length, g.threshold):
+    for steps, block, threshold, compiled in itertools.product(g.steps, g.block_length, g.threshold, g.compiled):
         blocks, rest = divmod(ev.gen_length, block)
         if rest or steps % blocks:
             continue
-        settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold)
+        settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold, compiled)
+        if compiled:
+            answer_questions(model, tokenizer, probes, sampler="diffusion", settings=settings)
         start = time.perf_counter()
         answers = answer_questions(model, tokenizer, probes, sampler="diffusion", settings=settings)
         seconds = time.perf_counter() - start
         acc = accuracy_by_direction(answers)
-        rows.append({"steps": steps, "block_length": block, "threshold": threshold,
+        rows.append({"steps": steps, "block_length": block, "threshold": threshold, "compiled": compiled,
                      "accuracy": sum(a["correct"] for a in answers) / len(answers),
                      "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"],
                      "tokens_per_s": len(answers) * ev.gen_length / seconds})

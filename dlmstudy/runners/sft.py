@@ -84,7 +84,7 @@ def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
             for epochs in sft.epochs:
                 config = {"stage": "sft", "study": spec.name, "arm": name, "base": str(base), "parent": parent,
                           "sft_epochs": epochs, "seed": spec.seed, "sft": sft.model_dump(exclude={"epochs", "base"}),
-                          "training": {**sft.arguments}, "evaluation": spec.evaluation.model_dump()}
+                          "training": {**sft.arguments}, "evaluation": spec.evaluation.identity()}
                 rid = f"sft-{name}_e{epochs}_{config_digest(config)}"
                 out.append(SFTRun(rid, arm, base, parent, epochs, config, study_dir(spec) / rid))
     return out
@@ -148,7 +148,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     per_epoch = math.ceil(len(train_rows) / arguments["per_device_train_batch_size"] / arguments["gradient_accumulation_steps"])
     arguments.update(eval_steps=per_epoch, save_steps=per_epoch)
     ev = spec.evaluation
-    settings = DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size)
+    settings = DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size, compiled=ev.compiled)
 
     held = collate([val_set[i] for i in range(len(val_set))])
 

@@ -238,7 +238,7 @@ def _runs_at_size(spec: StudySpec, data: StudyData | None, tokens: SpecialTokens
                 "epochs": round(epochs, 6), "total_tokens": round(epochs * (u // L)) * L, "max_length": L,
                 "data_seed": spec.data.seed, "training": training_arguments(spec, arm),
                 "objective_settings": spec.training.model_dump(exclude={"arguments", *SPEED_ONLY}),
-                "evaluation": spec.evaluation.model_dump(), "device": spec.device,
+                "evaluation": spec.evaluation.identity(), "device": spec.device,
                 "params": counts[arm.name].as_dict(), "params_target": target,
             }
             rid = run_id(config) if data is not None else run_id(config).rsplit("_", 1)[0]

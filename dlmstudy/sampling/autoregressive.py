@@ -2,13 +2,15 @@
 
 A plain loop rather than `model.generate`: it takes a `torch.Generator` (reproducible sampling next
 to other random work), handles left-padded batches through position ids, and its greedy path is the
-argmax loop without a cache, computed incrementally.
+argmax loop without a cache, computed incrementally. `compiled` greedy decoding goes through
+transformers' `generate` with a static KV cache instead, which compiles the decode step with CUDA
+graphs on accelerators (the loop is launch-bound at these sizes); it gives the same tokens.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from dlmstudy.sampling.diffusion import SamplerArgumentError, accepts, cache_kwargs, check_prompt, positions_from_mask
 
@@ -38,11 +40,13 @@ def ar_generate(
     eos_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Extend left-padded `prompt` (B, P) by up to `max_new_tokens` tokens; returns prompt + new tokens.
 
     Rows that have produced `eos_id` are filled with `eos_id` afterwards; decoding stops early once
-    every row has, so the result can be shorter than P + max_new_tokens.
+    every row has, so the result can be shorter than P + max_new_tokens. `compiled` (greedy only):
+    transformers' `generate` with a static cache, compiled on accelerators (module docstring).
     """
     check_prompt(prompt, attention_mask)
     if max_new_tokens < 1:
@@ -50,6 +54,10 @@ def ar_generate(
     if temperature < 0 or not 0 < top_p <= 1:
         raise SamplerArgumentError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     attention_mask = torch.ones_like(prompt) if attention_mask is None else attention_mask.long()
+    if compiled:
+        if temperature != 0:
+            raise SamplerArgumentError("compiled AR decoding is greedy only (temperature 0)")
+        return static_generate(model, prompt, attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id)
     positions = positions_from_mask(attention_mask)
     cache = DynamicCache()
     last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
@@ -70,3 +78,13 @@ def ar_generate(
         logits = model(token[:, None], attention_mask=attention_mask, position_ids=positions,
                        **cache_kwargs(model, cache)).logits
     return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def static_generate(model: torch.nn.Module, prompt: torch.Tensor, attention_mask: torch.Tensor, *,
+                    max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
+    """Greedy decoding by transformers' `generate` with a static KV cache (compiled with CUDA graphs there on
+    accelerators); rows that ended are filled with `eos_id`, and without `eos_id` nothing ends early."""
+    ends = [] if eos_id is None else eos_id  # [] overrides the model config's end token: nothing ends early
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
+                              eos_token_id=ends, pad_token_id=0 if eos_id is None else eos_id)
+    return model.generate(prompt, attention_mask=attention_mask, generation_config=config)

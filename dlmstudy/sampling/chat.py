@@ -40,7 +40,8 @@ class DecodeOptions:
 
     max_length is the number of tokens to generate (gen_length of the diffusion sampler,
     max_new_tokens of AR decoding). Diffusion defaults: steps = max_length, block_length =
-    min(32, max_length), cfg 0, low_confidence remasking, no threshold, no cache; AR: top_p 1.
+    min(32, max_length), cfg 0, low_confidence remasking, no threshold, no cache; AR: top_p 1; both
+    eager (compiled False).
     """
 
     max_length: int = 128
@@ -52,6 +53,7 @@ class DecodeOptions:
     threshold: float | None = None
     use_cache: bool | None = None
     top_p: float | None = None
+    compiled: bool = False
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> DecodeOptions:
@@ -70,7 +72,7 @@ class DecodeOptions:
                             f"decodes {own}")
         if arm.sampler == "ar":
             return {"max_new_tokens": self.max_length, "temperature": self.temperature,
-                    "top_p": 1.0 if self.top_p is None else self.top_p}
+                    "top_p": 1.0 if self.top_p is None else self.top_p, "compiled": self.compiled}
 
         def given_or(value, default):
             return default if value is None else value
@@ -79,7 +81,7 @@ class DecodeOptions:
                 "block_length": given_or(self.block_length, min(DEFAULT_BLOCK_LENGTH, self.max_length)),
                 "temperature": self.temperature, "cfg_scale": given_or(self.cfg, 0.0),
                 "remasking": given_or(self.remasking, "low_confidence"), "threshold": self.threshold,
-                "use_cache": bool(self.use_cache)}
+                "use_cache": bool(self.use_cache), "compiled": self.compiled}
 
 
 @dataclass

@@ -147,6 +147,8 @@ class SamplerGridSpec(Strict):
     steps: list[int] = Field(default_factory=list)
     block_length: list[int] = Field(default_factory=list)
     threshold: list[float | None] = Field(default_factory=lambda: [None])
+    compiled: list[bool] = Field(default_factory=lambda: [False],
+                                 description="also time the compiled samplers (same algorithm, CUDA graphs)")
 
 
 class EvaluationSpec(Strict):
@@ -160,6 +162,12 @@ class EvaluationSpec(Strict):
     batch_size: int = Field(32, ge=1)
     lm_eval: LmEvalSpec = LmEvalSpec()
     sampler_grid: SamplerGridSpec = SamplerGridSpec()
+    compiled: bool = Field(False, description="probes decode through the compiled samplers (torch.compile and CUDA "
+                                              "graphs; the same algorithm, faster on GPUs after a compile per shape)")
+
+    def identity(self) -> dict:
+        """The settings that go into run ids: all but the speed-only `compiled` switches."""
+        return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled"}})
 
 
 class SFTSpec(Strict):

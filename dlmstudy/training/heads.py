@@ -58,13 +58,19 @@ def _chunk_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch.
     """One chunk of rows: CE_i = -log softmax(z_i)[t_i] with z = h W^T, and the gradients of sum_i scale_i CE_i.
 
     dCE_i/dz_i = softmax(z_i) - onehot(t_i), so dh = dz W and dW = dz^T h (matmuls in h's dtype, softmax in fp32).
+    Eager, everything after the matmul is in place on one fp32 [chunk, V] buffer. Compiled, the onehot is a
+    comparison, which inductor fuses with the softmax into one kernel from the logits to the bf16 dz (a scatter
+    would make it write and reread an fp32 buffer).
     """
     logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
     ce = -logp.gather(1, t[:, None]).squeeze(1)
     if not (need_dh or need_dw):
         return ce, None, None
-    dz = logp.exp_()  # softmax(z), in place: one [chunk, V] fp32 buffer in eager mode
-    dz.scatter_add_(1, t[:, None], torch.full_like(ce[:, None], -1.0))
+    dz = logp.exp_()  # softmax(z)
+    if torch.compiler.is_compiling():
+        dz = dz - (torch.arange(dz.shape[1], device=dz.device) == t[:, None]).to(dz.dtype)
+    else:
+        dz.scatter_add_(1, t[:, None], torch.full_like(ce[:, None], -1.0))
     dz = dz.mul_(scale[:, None]).to(h.dtype)
     return ce, dz @ w if need_dh else None, dz.T @ h if need_dw else None
 
@@ -203,13 +209,15 @@ def mdm_weights(masked: torch.Tensor, p_mask: torch.Tensor, *, norm: str = "batc
 
 def mdm_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
                   p_mask: torch.Tensor, *, norm: str = "batch_tokens", answer_len: torch.Tensor | None = None,
-                  chunk: int = 2048, backend: str = "chunked", compiled: bool = False) -> torch.Tensor:
+                  chunk: int = 2048, backend: str = "chunked", compiled: bool = False,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """`mdm_loss(model(noisy).logits, input_ids, masked, ...)` with the head run on masked positions only.
 
-    The masked rows are found once, before the forward pass: finding them is the step's one device sync,
-    and there the GPU has little queued work to drain (after the forward it would idle while the host
-    launches the rest of the step)."""
-    rows = masked.flatten().nonzero().squeeze(1)
+    rows: the flat indices of the masked positions, when the caller knows them without a device sync (the
+    objective draws pretraining masks on the host). Otherwise they are found here, before the forward pass:
+    a device sync, but there the GPU has little queued work to drain."""
+    if rows is None:
+        rows = masked.flatten().nonzero().squeeze(1)
     weights = mdm_weights(masked, p_mask, norm=norm, answer_len=answer_len).flatten().index_select(0, rows)
     targets = input_ids.flatten().index_select(0, rows)
     hidden = hidden_states(model, noisy).flatten(0, 1).index_select(0, rows)
@@ -248,8 +256,8 @@ class FastMDMObjective(MDMObjective):
         check_head(self.chunk, self.backend)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        input_ids, noisy, masked, p_mask, loss_mask = self.corrupt(batch)
-        head = dict(chunk=self.chunk, backend=self.backend, compiled=self.compiled)
+        input_ids, noisy, masked, p_mask, loss_mask, rows = self.corrupt(batch)
+        head = dict(chunk=self.chunk, backend=self.backend, compiled=self.compiled, rows=rows)
         if loss_mask is None:
             loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, **head)
         else:

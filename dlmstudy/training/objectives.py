@@ -8,16 +8,19 @@ LLaDA masked diffusion (Nie et al. 2025):
     and 1% of pretraining batches are cut to a random length U[1, L].
 Autoregressive: next-token cross-entropy; in SFT the prompt's labels are ignored.
 
-A batch is {"input_ids": [B, L], "index": [B]} (pretraining) plus "loss_mask" [B, L] (SFT: the
+A batch is {"input_ids": [B, L], "index": [B] (a tensor or list, kept on the host by DLMTrainer)} (pretraining) plus "loss_mask" [B, L] (SFT: the
 answer, including the padded EOS tokens, which LLaDA trains on). Each sequence's noise (t and the
 per-token uniforms) is counter-based: a hash of (seed, its index in the run's order, position). So a
 resumed run redraws the same masks, and batch size, gradient accumulation, device count and device
 type do not change them. Only the random-length cut is decided per batch, by its first row's index.
+The noise is drawn on the host, and so are the masked rows in pretraining: the fast head then needs
+no device sync (heads.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,17 +33,22 @@ SFT_NORMS = ("sequence", "token")
 Metrics = dict[str, torch.Tensor]  # detached scalars, averaged by the trainer between logs (no device sync per step)
 
 
-def forward_process(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, mask_id: int, eps: float,
-                    maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LLaDA's forward process: p = (1 - eps) t + eps per sequence, token i masked iff u_i < p and it is maskable.
-
-    t [B] and u [B, L] are uniforms in [0, 1); returns (noisy ids, masked [B, L] bool, p_mask [B, L]).
-    """
-    b, l = input_ids.shape
+def mask_positions(t: torch.Tensor, u: torch.Tensor, *, eps: float, maskable: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens LLaDA's forward process masks: p = (1 - eps) t + eps per sequence, token i iff u_i < p and
+    it is maskable. t [B] and u [B, L] are uniforms in [0, 1); returns (masked [B, L] bool, p_mask [B, L])."""
+    b, l = u.shape
     p_mask = ((1 - eps) * t.float() + eps)[:, None].expand(b, l)
     masked = u < p_mask
     if maskable is not None:
         masked = masked & maskable.bool()
+    return masked, p_mask
+
+
+def forward_process(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, mask_id: int, eps: float,
+                    maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA's forward process (`mask_positions`) applied to input_ids: (noisy ids, masked [B, L] bool, p_mask [B, L])."""
+    masked, p_mask = mask_positions(t, u, eps=eps, maskable=maskable)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return noisy, masked, p_mask
 
@@ -98,19 +106,36 @@ def uniforms(keys: np.ndarray, n: int) -> torch.Tensor:
 def _index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "index" not in batch:
         raise ValueError("an MDM batch needs 'index' (each row's position in the run's order) to seed its noise")
-    return batch["index"]
+    return torch.as_tensor(batch["index"])
 
 
 def sequence_noise(batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t [B], u [B, L]) on the batch's device; row b is a function of (seed, index_b) only (counter-based)."""
-    input_ids = batch["input_ids"]
-    draws = uniforms(noise_keys(seed, 0, _index(batch)), input_ids.shape[1] + 1).to(input_ids.device)
+    """(t [B], u [B, L]) on the host (CPU); row b is a function of (seed, index_b) only (counter-based)."""
+    draws = uniforms(noise_keys(seed, 0, _index(batch)), batch["input_ids"].shape[1] + 1)
     return draws[:, 0], draws[:, 1:]
+
+
+def upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device` without waiting for the device: from pinned memory, asynchronously, on CUDA."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def batch_generator(batch: dict[str, torch.Tensor], seed: int) -> torch.Generator:
     """A CPU generator for per-batch draws, seeded by (seed, index of the batch's first row) only."""
     return torch.Generator().manual_seed(int(noise_keys(seed, 1, _index(batch).reshape(-1)[:1])[0]))
+
+
+class Corrupted(NamedTuple):
+    """A noised MDM batch: rows are the flat indices of the masked positions when known without a device sync."""
+
+    input_ids: torch.Tensor
+    noisy: torch.Tensor
+    masked: torch.Tensor
+    p_mask: torch.Tensor
+    loss_mask: torch.Tensor | None
+    rows: torch.Tensor | None
 
 
 @dataclass
@@ -134,8 +159,9 @@ class MDMObjective:
         if self.sft_norm not in SFT_NORMS:
             raise UserError(f"unknown SFT loss normalisation {self.sft_norm!r}; use {' or '.join(SFT_NORMS)}")
 
-    def corrupt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The batch's noising: (input_ids, possibly cut to a random length; noisy; masked; p_mask; loss_mask or None)."""
+    def corrupt(self, batch: dict[str, torch.Tensor]) -> Corrupted:
+        """The batch's noising. The masks are drawn on the host; in pretraining the masked rows are found there
+        too, so the fast head needs no device sync (in SFT the answer mask is on the device)."""
         input_ids = batch["input_ids"]
         loss_mask = batch.get("loss_mask")
         t, u = sequence_noise(batch, self.seed)
@@ -144,11 +170,17 @@ class MDMObjective:
             if torch.rand((), generator=g) < self.random_length_ratio:
                 length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=g))
                 input_ids, u = input_ids[:, :length], u[:, :length]
-        noisy, masked, p_mask = forward_process(input_ids, t, u, mask_id=self.mask_id, eps=self.eps, maskable=loss_mask)
-        return input_ids, noisy, masked, p_mask, loss_mask
+        masked, p_mask = mask_positions(t, u, eps=self.eps)
+        rows = masked.flatten().nonzero().squeeze(1) if loss_mask is None else None
+        device = input_ids.device
+        masked, p_mask = upload(masked, device), upload(p_mask.contiguous(), device)
+        if loss_mask is not None:
+            masked = masked & loss_mask.bool()
+        noisy = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
+        return Corrupted(input_ids, noisy, masked, p_mask, loss_mask, None if rows is None else upload(rows, device))
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        input_ids, noisy, masked, p_mask, loss_mask = self.corrupt(batch)
+        input_ids, noisy, masked, p_mask, loss_mask, _ = self.corrupt(batch)
         logits = model(input_ids=noisy).logits
         if loss_mask is None:
             loss = mdm_loss(logits, input_ids, masked, p_mask)

@@ -20,6 +20,14 @@ from transformers import Trainer, TrainerCallback
 COMPLETE_MARK = "COMPLETE"
 
 
+def host_index(batch: dict) -> dict:
+    """The batch with its "index" as a list of ints, which device placement leaves on the host: the diffusion
+    objective seeds its noise from it there, and a device tensor would cost a device sync per step."""
+    if "index" in batch:
+        batch = {**batch, "index": torch.as_tensor(batch["index"]).reshape(-1).tolist()}
+    return batch
+
+
 class DLMTrainer(Trainer):
     """Trainer whose loss is `objective(model, batch)`; logs tokens seen, tokens/s and objective metrics."""
 
@@ -28,6 +36,8 @@ class DLMTrainer(Trainer):
     def __init__(self, *args, objective: Callable, tokens_per_step: int,
                  validation_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        collate = self.data_collator
+        self.data_collator = lambda features: host_index(collate(features))
         self.objective = objective
         self.tokens_per_step = tokens_per_step
         self.validation_fn = validation_fn
