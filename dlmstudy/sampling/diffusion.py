@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -93,16 +92,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-_COMPILED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_last_compiled: list = []  # [(the model, its compiled call)] for the last model sampled compiled, at most one
 
 
 def compiled_call(model: torch.nn.Module):
-    """`model(...)` as a torch.compile'd, CUDA-graphed call (one per model, kept while the model lives).
+    """`model(...)` as a torch.compile'd, CUDA-graphed call. The last model's compiled call is kept (an SFT
+    run probes one model every epoch); a new model replaces it, so earlier models can be freed.
 
     The model is not changed in place, so training it (the SFT probes run mid-training) is unaffected."""
-    if model not in _COMPILED_MODELS:
-        _COMPILED_MODELS[model] = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    compiled = _COMPILED_MODELS[model]
+    if not _last_compiled or _last_compiled[0][0] is not model:
+        _last_compiled[:] = [(model, torch.compile(model, mode="reduce-overhead", dynamic=False))]
+    compiled = _last_compiled[0][1]
 
     def call(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are consumed: reuse the graph's
