@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq_len", type=int, help="override the config's training sequence length")
     s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
-    s.add_argument("--train_modes", nargs="+", default=["plain"], choices=["plain", "fast", "fast-compiled", "fast-liger"],
+    s.add_argument("--train_modes", nargs="+", default=["plain"],
+                   choices=["plain", "fast", "fast-compiled", "fast-graphs", "fast-liger"],
                    help="training paths to time (default plain)")
     s.add_argument("--head_chunk", type=int, default=2048, help="rows of logits per chunk on the fast paths (default 2048)")
     s.add_argument("--json", help="write the records to this JSON file")

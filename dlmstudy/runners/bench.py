@@ -172,8 +172,10 @@ def _timed(device: str, fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-# Training paths: the plain objective; the exact fast head (heads.py) eager, compiled, or through liger's kernel.
+# Training paths: the plain objective; the exact fast head (heads.py) eager, compiled (also with CUDA-graphed
+# layers), or through liger's kernel.
 TRAIN_MODES = {"plain": {}, "fast": {"fast_head": True}, "fast-compiled": {"fast_head": True, "compiled": True},
+               "fast-graphs": {"fast_head": True, "compiled": True, "cuda_graphs": True},
                "fast-liger": {"fast_head": True, "backend": "liger"}}
 
 
@@ -217,10 +219,11 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
     options = dict(TRAIN_MODES[mode])
     if options.get("fast_head"):
         options["chunk"] = head_chunk
+    cuda_graphs = options.pop("cuda_graphs", False)
     if options.pop("compiled", False):
         from dlmstudy.training.heads import compile_body
 
-        compile_body(model)
+        compile_body(model, cuda_graphs=cuda_graphs)
         options["compiled"] = True
     objective = build_objective(arm.objective, seed=0, **options,
                                 **({"mask_id": cfg.tokens.mask_token_id} if arm.objective == "mdm" else {}))
@@ -229,6 +232,8 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
     model.train()
 
     def step(batch: dict[str, torch.Tensor]) -> None:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are consumed
         with autocast(device):
             loss, _ = objective(model, batch)
         loss.backward()

@@ -288,13 +288,15 @@ class FastARObjective(ARObjective):
         return loss, {}
 
 
-def compile_body(model: torch.nn.Module) -> torch.nn.Module:
+def compile_body(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.nn.Module:
     """torch.compile each decoder layer in place (the head and the loss stay eager); returns the model.
 
     In place (`Module.compile`), so parameter names and checkpoints are unchanged; the layers share code,
-    so one graph serves them all.
+    so one graph serves them all. cuda_graphs: compile mode "reduce-overhead", which replays each layer's
+    kernels as a CUDA graph (a training loop then calls `torch.compiler.cudagraph_mark_step_begin()` before
+    each step); so far measured in `dlmstudy bench` only (mode fast-graphs), not inside the Trainer.
     """
     for layer in unwrap_model(model).get_decoder().layers:
-        layer.compile()
+        layer.compile(mode="reduce-overhead" if cuda_graphs else None)
     return model
 
