@@ -8,8 +8,9 @@ LLaDA masked diffusion (Nie et al. 2025):
     and 1% of pretraining batches are cut to a random length U[1, L].
 Autoregressive: next-token cross-entropy; in SFT the prompt's labels are ignored.
 
-A batch is {"input_ids": [B, L], "index": [B] (a tensor or list, kept on the host by DLMTrainer)} (pretraining) plus "loss_mask" [B, L] (SFT: the
-answer, including the padded EOS tokens, which LLaDA trains on). Each sequence's noise (t and the
+A batch is {"input_ids": [B, L], "index": [B]} (pretraining) plus "loss_mask" [B, L] (SFT: the
+answer, including the padded EOS tokens, which LLaDA trains on); "index" may be a tensor or a list
+(DLMTrainer keeps it on the host as a list). Each sequence's noise (t and the
 per-token uniforms) is counter-based: a hash of (seed, its index in the run's order, position). So a
 resumed run redraws the same masks, and batch size, gradient accumulation, device count and device
 type do not change them. Only the random-length cut is decided per batch, by its first row's index.
