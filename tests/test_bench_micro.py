@@ -10,7 +10,7 @@ import torch
 
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 from dlmstudy.sampling import generate
-from dlmstudy.training.objectives import ar_loss, forward_process, mdm_loss
+from dlmstudy.training.objectives import ar_loss, mask_positions, mdm_loss
 
 B, L, V = 8, 128, 512
 
@@ -21,7 +21,7 @@ def test_bench_losses(benchmark, kind):
     torch.manual_seed(0)
     ids = torch.randint(3, V, (B, L))
     logits = torch.zeros(B, L, V, requires_grad=True)
-    _, masked, p_mask = forward_process(ids, torch.rand(B), torch.rand(B, L), mask_id=2, eps=1e-3)
+    masked, p_mask = mask_positions(torch.rand(B), torch.rand(B, L), eps=1e-3)
 
     def step() -> torch.Tensor:
         logits.grad = None

@@ -13,7 +13,7 @@ from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, bu
 from dlmstudy.training.heads import (FastARObjective, FastMDMObjective, compile_body, hidden_states,
                                      linear_cross_entropy, mdm_loss_fast, output_head)
 from dlmstudy.training.lora import apply_lora
-from dlmstudy.training.objectives import IGNORE, ARObjective, MDMObjective, forward_process, mdm_loss
+from dlmstudy.training.objectives import IGNORE, ARObjective, MDMObjective, mask_positions, mask_tokens, mdm_loss
 
 V, MASK = 128, 2
 
@@ -126,8 +126,9 @@ def test_mdm_loss_fast_equals_mdm_loss(norm):
     maskable = torch.ones_like(ids, dtype=torch.bool)
     maskable[:, :5] = False
     t, u = torch.tensor([0.2, 0.5, 0.9]), torch.rand(3, 16)
-    noisy, masked, p_mask = forward_process(ids, t, u, mask_id=MASK, eps=1e-3,
-                                            maskable=None if norm == "batch_tokens" else maskable)
+    masked, p_mask = mask_positions(t, u, eps=1e-3)
+    masked = masked if norm == "batch_tokens" else masked & maskable
+    noisy = mask_tokens(ids, masked, MASK)
     answer_len = None if norm == "batch_tokens" else maskable.sum(1)
     plain = loss_and_grads(model, lambda: mdm_loss(model(input_ids=noisy).logits, ids, masked, p_mask, norm=norm,
                                                    answer_len=answer_len))

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dlmstudy.errors import UserError
+from dlmstudy.training import objectives
 from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, ar_loss, batch_generator,
-                                          forward_process, mdm_loss, sequence_noise)
+                                          mask_positions, mask_tokens, mdm_loss, sequence_noise)
 from dlmstudy.training.registry import build_objective
 
 LN2 = math.log(2)
@@ -79,29 +80,31 @@ def test_mdm_loss_rejects_unknown_norm():
 
 
 def test_forward_process_on_fixed_uniforms():
+    """LLaDA's forward process: mask_positions draws the masks, mask_tokens writes them into the sequence."""
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
     t = torch.tensor([0.5, 0.0])
     u = torch.tensor([[0.1, 0.6, 0.4, 0.9], [0.0005, 0.002, 0.0, 0.5]])
-    noisy, masked, p = forward_process(ids, t, u, mask_id=MASK, eps=0.1)
+    masked, p = mask_positions(t, u, eps=0.1)
+    noisy = mask_tokens(ids, masked, MASK)
     assert torch.allclose(p, torch.tensor([[0.55] * 4, [0.1] * 4]))  # p = (1 - eps) t + eps
     assert masked.tolist() == [[True, False, True, False], [True, True, True, False]]
     assert noisy.tolist() == [[MASK, 6, MASK, 8], [MASK, MASK, MASK, 8]]
 
 
-def test_forward_process_never_masks_outside_maskable():
+def test_sft_noising_never_masks_outside_the_answer(monkeypatch):
     ids = torch.arange(10).repeat(3, 1) + 4
-    maskable = torch.arange(10).repeat(3, 1) >= torch.tensor([[2], [5], [9]])  # prompts of 2, 5 and 9 tokens
-    noisy, masked, _ = forward_process(ids, torch.ones(3), torch.zeros(3, 10), mask_id=MASK, eps=1e-3,
-                                       maskable=maskable)
-    assert torch.equal(masked, maskable)  # p = 1: every answer token masked, no prompt token
-    assert torch.equal(noisy[~maskable], ids[~maskable])
+    answer = torch.arange(10).repeat(3, 1) >= torch.tensor([[2], [5], [9]])  # prompts of 2, 5 and 9 tokens
+    monkeypatch.setattr(objectives, "sequence_noise", lambda batch, seed: (torch.ones(3), torch.zeros(3, 10)))
+    c = MDMObjective(mask_id=MASK).corrupt({"input_ids": ids, "index": [0, 1, 2], "loss_mask": answer.long()})
+    assert torch.equal(c.masked, answer)  # p = 1: every answer token masked, no prompt token
+    assert torch.equal(c.noisy[~answer], ids[~answer])
 
 
 def test_forward_process_masks_at_the_rate_p():
     """Statistical, on the objective's own noise: p ~ U(eps, 1) over rows; each row is masked at its rate p."""
     b, l, eps = 4000, 64, 0.2
     t, u = sequence_noise({"input_ids": torch.zeros(b, l, dtype=torch.long), "index": torch.arange(b)}, seed=0)
-    _, masked, p = forward_process(torch.zeros(b, l, dtype=torch.long), t, u, mask_id=MASK, eps=eps)
+    masked, p = mask_positions(t, u, eps=eps)
     row_p, row_rate = p[:, 0], masked.float().mean(1)
     assert row_p.min() >= eps and row_p.max() <= 1
     assert row_rate.mean().item() == pytest.approx(eps + (1 - eps) / 2, abs=0.02)  # E[p] = 0.6

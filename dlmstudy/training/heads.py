@@ -244,16 +244,21 @@ def ar_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
 
 
 @dataclass
-class FastMDMObjective(MDMObjective):
-    """MDMObjective with the head only at masked positions, through `linear_cross_entropy` (same loss)."""
+class FastHead:
+    """The fast objectives' head settings (rows per chunk, backend, compiled chunk step), checked on creation."""
 
     chunk: int = 2048
     backend: str = "chunked"
     compiled: bool = False
 
     def __post_init__(self):
-        super().__post_init__()
+        getattr(super(), "__post_init__", lambda: None)()  # the objective's own checks first
         check_head(self.chunk, self.backend)
+
+
+@dataclass
+class FastMDMObjective(FastHead, MDMObjective):
+    """MDMObjective with the head only at masked positions, through `linear_cross_entropy` (same loss)."""
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids, noisy, masked, p_mask, loss_mask, rows = self.corrupt(batch)
@@ -268,15 +273,8 @@ class FastMDMObjective(MDMObjective):
 
 
 @dataclass
-class FastARObjective(ARObjective):
+class FastARObjective(FastHead, ARObjective):
     """ARObjective through `linear_cross_entropy`, the head only at scored positions (same loss)."""
-
-    chunk: int = 2048
-    backend: str = "chunked"
-    compiled: bool = False
-
-    def __post_init__(self):
-        check_head(self.chunk, self.backend)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids = batch["input_ids"]

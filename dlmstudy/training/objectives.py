@@ -34,24 +34,18 @@ SFT_NORMS = ("sequence", "token")
 Metrics = dict[str, torch.Tensor]  # detached scalars, averaged by the trainer between logs (no device sync per step)
 
 
-def mask_positions(t: torch.Tensor, u: torch.Tensor, *, eps: float, maskable: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which tokens LLaDA's forward process masks: p = (1 - eps) t + eps per sequence, token i iff u_i < p and
-    it is maskable. t [B] and u [B, L] are uniforms in [0, 1); returns (masked [B, L] bool, p_mask [B, L])."""
+def mask_positions(t: torch.Tensor, u: torch.Tensor, *, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens LLaDA's forward process masks: p = (1 - eps) t + eps per sequence, token i iff u_i < p
+    (SFT then keeps only answer tokens). t [B] and u [B, L] are uniforms in [0, 1); returns (masked [B, L]
+    bool, p_mask [B, L])."""
     b, l = u.shape
     p_mask = ((1 - eps) * t.float() + eps)[:, None].expand(b, l)
-    masked = u < p_mask
-    if maskable is not None:
-        masked = masked & maskable.bool()
-    return masked, p_mask
+    return u < p_mask, p_mask
 
 
-def forward_process(input_ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, mask_id: int, eps: float,
-                    maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LLaDA's forward process (`mask_positions`) applied to input_ids: (noisy ids, masked [B, L] bool, p_mask [B, L])."""
-    masked, p_mask = mask_positions(t, u, eps=eps, maskable=maskable)
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    return noisy, masked, p_mask
+def mask_tokens(input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The noisy sequence x_t: input_ids with the masked positions replaced by the mask token."""
+    return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
 
 
 def mdm_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, p_mask: torch.Tensor, *,
@@ -177,7 +171,7 @@ class MDMObjective:
         masked, p_mask = upload(masked, device), upload(p_mask.contiguous(), device)
         if loss_mask is not None:
             masked = masked & loss_mask.bool()
-        noisy = torch.where(masked, torch.full_like(input_ids, self.mask_id), input_ids)
+        noisy = mask_tokens(input_ids, masked, self.mask_id)
         return Corrupted(input_ids, noisy, masked, p_mask, loss_mask, None if rows is None else upload(rows, device))
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
