@@ -136,7 +136,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
                         batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops,
-                        train_modes=a.train_modes, profile=a.profile, head_chunk=a.head_chunk)
+                        train_modes=a.train_modes, profile=a.profile, head_chunk=a.head_chunk,
+                        head_kernel=a.head_kernel)
     print(format_records(records))
     if a.json:
         print(f"records: {write_records(records, a.json)}")
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["plain", "fast", "fast-compiled", "fast-graphs", "fast-liger"],
                    help="training paths to time (default plain)")
     s.add_argument("--head_chunk", type=int, default=2048, help="rows of logits per chunk on the fast paths (default 2048)")
+    s.add_argument("--head_kernel", default="auto", choices=["auto", "triton", "torch"],
+                   help="after each head chunk's matmul: the Triton kernel, torch ops, or auto (Triton on CUDA)")
     s.add_argument("--json", help="write the records to this JSON file")
     s.add_argument("--profile", help="folder: profile 5 more training steps per record with torch.profiler and "
                    "write each operator table there")

@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The head's Triton kernel runs on CPU under Triton's interpreter (tests/test_ce_kernel.py). It has to be on before
+# Triton is first imported (transformers imports it), and only an explicit kernel="triton" uses it on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 

@@ -209,16 +209,17 @@ def profile_steps(step: Callable[[], None], device: str, path: Path, steps: int 
 
 def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *, steps: int = 10,
                    warmup: int = 3, peak: float | None = None, mode: str = "plain",
-                   profile: Path | None = None, head_chunk: int = 2048) -> dict:
+                   profile: Path | None = None, head_chunk: int = 2048, head_kernel: str = "auto") -> dict:
     """Mean step time and tokens/s of the arm's training step on random tokens (the model is trained in place):
     `steps` steps after `warmup`, timed together with one device sync at the end, as a training loop runs.
 
-    With `profile` (a folder), a few more steps run under torch.profiler and its table is written there."""
+    With `profile` (a folder), a few more steps run under torch.profiler and its table is written there.
+    head_kernel: what runs after each head chunk's matmul on the fast paths (heads.KERNELS)."""
     if mode not in TRAIN_MODES:
         raise UserError(f"unknown training mode {mode!r}; use {', '.join(TRAIN_MODES)}")
     options = dict(TRAIN_MODES[mode])
     if options.get("fast_head"):
-        options["chunk"] = head_chunk
+        options.update(chunk=head_chunk, kernel=head_kernel)
     cuda_graphs = options.pop("cuda_graphs", False)
     if options.pop("compiled", False):
         from dlmstudy.training.heads import compile_body
@@ -253,9 +254,10 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
     step_time = seconds / steps
     tokens_per_s = B * L / step_time
     flops = flops_per_token(matmul_params(model), cfg.size.num_layers, cfg.size.hidden_size, L)
-    extra = {"head_chunk": head_chunk} if options.get("fast_head") else {}
+    extra = {"head_chunk": head_chunk, "head_kernel": head_kernel} if options.get("fast_head") else {}
     if profile is not None:
-        path = Path(profile) / (f"{cfg.name}-{arm.name}-{mode}" + (f"-chunk{head_chunk}.txt" if extra else ".txt"))
+        head = f"-chunk{head_chunk}" + ("" if head_kernel == "auto" else f"-{head_kernel}") if extra else ""
+        path = Path(profile) / f"{cfg.name}-{arm.name}-{mode}{head}.txt"
         extra.update(profile=str(path), device_busy_s=profile_steps(lambda: step(batches[-1]), device, path))
     model.eval()
     return _record("train", arm, cfg, device, model, mode=mode, batch=B, seq_len=L, tokens_per_s=tokens_per_s,
@@ -354,7 +356,7 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
               steps: int = 10, warmup: int = 3, batch_size: int | None = None, seq_len: int | None = None,
               measure: Iterable[str] = MEASUREMENTS, peak: float | None = None,
               train_modes: Iterable[str] = ("plain",), profile: str | Path | None = None, head_chunk: int = 2048,
-              progress: Callable[[str], None] = print) -> list[dict]:
+              head_kernel: str = "auto", progress: Callable[[str], None] = print) -> list[dict]:
     """Benchmark every (config, arm): one training record and the sampling records; returns them all."""
     if steps < 1 or warmup < 0:
         raise UserError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
@@ -379,7 +381,8 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
                 for mode in train_modes:
                     progress(f"{cfg.name} {arm.name}: training ({mode}), batch {cfg.batch_size} x {cfg.seq_len}")
                     records.append(bench_training(fresh(), arm, cfg, device, steps=steps, warmup=warmup, peak=peak,
-                                                  mode=mode, profile=profile, head_chunk=head_chunk))
+                                                  mode=mode, profile=profile, head_chunk=head_chunk,
+                                                  head_kernel=head_kernel))
                     if device == "cuda":
                         torch.cuda.empty_cache()
             model = fresh()

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import unwrap_model
+from dlmstudy.training import ce_kernel
 from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics)
 
 BACKENDS = ("chunked", "liger", "cce")
+KERNELS = ("auto", "triton", "torch")
 REDUCTIONS = ("none", "sum")
 
 
@@ -75,16 +77,36 @@ def _chunk_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch.
     return ce, dz @ w if need_dh else None, dz.T @ h if need_dw else None
 
 
+def _kernel_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, need_dh: bool, need_dw: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_chunk_step` with everything after the matmul in one Triton kernel, which turns the logits into dz in place."""
+    z = h @ w.T
+    if not (need_dh or need_dw):
+        return ce_kernel.softmax_ce_grad_(z, t), None, None
+    ce = ce_kernel.softmax_ce_grad_(z, t, scale)
+    return ce, z @ w if need_dh else None, z.T @ h if need_dw else None
+
+
 @functools.cache
 def _compiled_step():
     return torch.compile(_chunk_step, dynamic=True)
 
 
+def _step_for(hidden: torch.Tensor, kernel: str, compiled: bool):
+    """The chunk step: the Triton kernel (kernel "triton", or "auto" on CUDA with Triton), else torch ops,
+    compiled or eager."""
+    if kernel == "triton" or (kernel == "auto" and hidden.is_cuda and ce_kernel.available(hidden)):
+        if not ce_kernel.available(hidden):
+            raise UserError("head kernel 'triton' needs CUDA and the triton package; use kernel auto or torch")
+        return _kernel_step
+    return _compiled_step() if compiled else _chunk_step
+
+
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, *, chunk: int,
-             dtype: torch.dtype, need_dh: bool, need_dw: bool, compiled: bool
+             dtype: torch.dtype, need_dh: bool, need_dw: bool, compiled: bool, kernel: str = "auto"
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row CE [N] and, when asked, d(sum_i scale_i CE_i)/d hidden and /d weight, `chunk` rows at a time."""
-    step = _compiled_step() if compiled else _chunk_step
+    step = _step_for(hidden, kernel, compiled)
     n = hidden.shape[0]
     ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
@@ -105,9 +127,9 @@ class _WeightedSumCE(torch.autograd.Function):
     """sum_i weights_i CE_i; the gradients are computed chunk by chunk in forward, backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, chunk, dtype, compiled, need_dh, need_dw):
+    def forward(ctx, hidden, weight, targets, weights, chunk, dtype, compiled, kernel, need_dh, need_dw):
         ce, dh, dw = _chunked(hidden, weight, targets, weights, chunk=chunk, dtype=dtype, compiled=compiled,
-                              need_dh=need_dh, need_dw=need_dw)
+                              kernel=kernel, need_dh=need_dh, need_dw=need_dw)
         ctx.save_for_backward(dh, dw)
         return (ce * weights).sum()
 
@@ -115,27 +137,27 @@ class _WeightedSumCE(torch.autograd.Function):
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
         return (None if dh is None else dh * grad.to(dh.dtype), None if dw is None else dw * grad.to(dw.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 class _PerRowCE(torch.autograd.Function):
     """CE_i per row; backward recomputes each chunk's logits (the upstream gradient is known only then)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, compiled):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, compiled, kernel):
         ce, _, _ = _chunked(hidden, weight, targets, hidden.new_ones(hidden.shape[0], dtype=torch.float32),
-                            chunk=chunk, dtype=dtype, compiled=compiled, need_dh=False, need_dw=False)
+                            chunk=chunk, dtype=dtype, compiled=compiled, kernel=kernel, need_dh=False, need_dw=False)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.settings = (chunk, dtype, compiled)
+        ctx.settings = (chunk, dtype, compiled, kernel)
         return ce
 
     @staticmethod
     def backward(ctx, grad_ce):
         hidden, weight, targets = ctx.saved_tensors
-        chunk, dtype, compiled = ctx.settings
+        chunk, dtype, compiled, kernel = ctx.settings
         _, dh, dw = _chunked(hidden, weight, targets, grad_ce.float(), chunk=chunk, dtype=dtype, compiled=compiled,
-                             need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
-        return dh, dw, None, None, None, None
+                             kernel=kernel, need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        return dh, dw, None, None, None, None, None
 
 
 def _library_ce(backend: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,27 +174,31 @@ def _library_ce(backend: str, hidden: torch.Tensor, weight: torch.Tensor, target
     return cce(hidden, weight, targets, reduction="none").float()
 
 
-def check_head(chunk: int, backend: str) -> None:
-    """UserError unless chunk >= 0 and backend is known (the settings of the fast objectives)."""
+def check_head(chunk: int, backend: str, kernel: str = "auto") -> None:
+    """UserError unless chunk >= 0 and backend and kernel are known (the settings of the fast objectives)."""
     if chunk < 0:
         raise UserError(f"head chunk must be 0 (plain head) or a positive number of rows, got {chunk}")
     if backend not in BACKENDS:
         raise UserError(f"unknown head backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if kernel not in KERNELS:
+        raise UserError(f"unknown head kernel {kernel!r}; known: {', '.join(KERNELS)}")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          weights: torch.Tensor | None = None, reduction: str = "none", chunk: int = 2048,
-                         backend: str = "chunked", compiled: bool = False) -> torch.Tensor:
+                         backend: str = "chunked", compiled: bool = False, kernel: str = "auto") -> torch.Tensor:
     """CE of the logits hidden [N, d] @ weight[V, d]^T against targets [N] (all in [0, V)), never all logits at once.
 
     reduction "none": CE per row [N] (backward recomputes each chunk); "sum": sum_i weights_i CE_i
     (weights default to 1; gradients made in forward, nothing recomputed). chunk: rows of logits held at
     a time, 0 = the plain head (full logits, autograd). The matmuls run in the autocast dtype when
-    autocast is on, as the plain head does; softmax and CE in fp32. compiled: torch.compile each chunk.
+    autocast is on, as the plain head does; softmax and CE in fp32. kernel: what runs after each chunk's
+    matmul: "triton" (ce_kernel.py, one kernel), "torch" (torch ops; compiled: torch.compile'd), "auto" (the
+    Triton kernel where it can run, CUDA with Triton, else torch).
     """
     if reduction not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduction!r}; use {' or '.join(REDUCTIONS)}")
-    check_head(chunk, backend)
+    check_head(chunk, backend, kernel)
     if weights is None and reduction == "sum":
         weights = hidden.new_ones(hidden.shape[0], dtype=torch.float32)
     if backend != "chunked":
@@ -184,9 +210,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         if reduction == "sum":
             grad = torch.is_grad_enabled()  # inside forward, autograd cannot tell whether it will be needed
-            return _WeightedSumCE.apply(hidden, weight, targets, weights.float(), chunk, dtype, compiled,
+            return _WeightedSumCE.apply(hidden, weight, targets, weights.float(), chunk, dtype, compiled, kernel,
                                         grad and hidden.requires_grad, grad and weight.requires_grad)
-        return _PerRowCE.apply(hidden, weight, targets, chunk, dtype, compiled)
+        return _PerRowCE.apply(hidden, weight, targets, chunk, dtype, compiled, kernel)
     return ce if reduction == "none" else (ce * weights.float()).sum()
 
 
@@ -209,7 +235,7 @@ def mdm_weights(masked: torch.Tensor, p_mask: torch.Tensor, *, norm: str = "batc
 
 def mdm_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
                   p_mask: torch.Tensor, *, norm: str = "batch_tokens", answer_len: torch.Tensor | None = None,
-                  chunk: int = 2048, backend: str = "chunked", compiled: bool = False,
+                  chunk: int = 2048, backend: str = "chunked", compiled: bool = False, kernel: str = "auto",
                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """`mdm_loss(model(noisy).logits, input_ids, masked, ...)` with the head run on masked positions only.
 
@@ -222,12 +248,12 @@ def mdm_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, noisy: torch.
     targets = input_ids.flatten().index_select(0, rows)
     hidden = hidden_states(model, noisy).flatten(0, 1).index_select(0, rows)
     return linear_cross_entropy(hidden, output_head(model).weight, targets, weights=weights,
-                                reduction="sum", chunk=chunk, backend=backend, compiled=compiled)
+                                reduction="sum", chunk=chunk, backend=backend, compiled=compiled, kernel=kernel)
 
 
 def ar_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, chunk: int = 2048, backend: str = "chunked",
-                 compiled: bool = False) -> torch.Tensor:
+                 compiled: bool = False, kernel: str = "auto") -> torch.Tensor:
     """`ar_loss(model(input_ids).logits, labels)`, the head run only where a label is scored (labels None: all).
 
     With labels, the scored rows are found before the forward pass (one device sync, as in `mdm_loss_fast`)."""
@@ -239,21 +265,23 @@ def ar_loss_fast(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
         targets = labels[:, 1:].flatten().index_select(0, rows)
         hidden = hidden_states(model, input_ids, attention_mask)[:, :-1].flatten(0, 1).index_select(0, rows)
     loss = linear_cross_entropy(hidden, output_head(model).weight, targets, reduction="sum", chunk=chunk,
-                                backend=backend, compiled=compiled)
+                                backend=backend, compiled=compiled, kernel=kernel)
     return loss / targets.numel()
 
 
 @dataclass
 class FastHead:
-    """The fast objectives' head settings (rows per chunk, backend, compiled chunk step), checked on creation."""
+    """The fast objectives' head settings (rows per chunk, backend, compiled chunk step, kernel), checked on
+    creation."""
 
     chunk: int = 2048
     backend: str = "chunked"
     compiled: bool = False
+    kernel: str = "auto"
 
     def __post_init__(self):
         getattr(super(), "__post_init__", lambda: None)()  # the objective's own checks first
-        check_head(self.chunk, self.backend)
+        check_head(self.chunk, self.backend, self.kernel)
 
 
 @dataclass
@@ -262,7 +290,7 @@ class FastMDMObjective(FastHead, MDMObjective):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         input_ids, noisy, masked, p_mask, loss_mask, rows = self.corrupt(batch)
-        head = dict(chunk=self.chunk, backend=self.backend, compiled=self.compiled, rows=rows)
+        head = dict(chunk=self.chunk, backend=self.backend, compiled=self.compiled, kernel=self.kernel, rows=rows)
         if loss_mask is None:
             loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, **head)
         else:
@@ -282,7 +310,7 @@ class FastARObjective(FastHead, ARObjective):
         if labels is None and batch.get("loss_mask") is not None:
             labels = input_ids.masked_fill(~batch["loss_mask"].bool(), IGNORE)
         loss = ar_loss_fast(model, input_ids, labels, batch.get("attention_mask"), chunk=self.chunk,
-                            backend=self.backend, compiled=self.compiled)
+                            backend=self.backend, compiled=self.compiled, kernel=self.kernel)
         return loss, {}
 
 
