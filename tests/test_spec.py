@@ -30,6 +30,8 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x", "grid": {"unique_tokens": [1]}}, "exactly one of epochs or total_tokens"),
     ({"name": "x", "grid": GRID, "tokenizer": {"kind": "pretrained"}}, "needs tokenizer.path"),
     ({"name": "x", "grid": GRID, "data": {"pretrain": {"people": 3000}}}, "data.pretrain.people"),
+    ({"name": "x", "grid": GRID, "training": {"cuda_graphs": True}}, "training.cuda_graphs needs training.compile"),
+    ({"name": "x", "grid": GRID, "training": {"compile": True, "fast_head": False}}, "training.compile needs the fast"),
 ])
 def test_bad_spec_is_one_line_naming_key_and_file(tmp_path, raw, expected):
     path = write(tmp_path, raw)

@@ -45,7 +45,7 @@ def arguments(out: Path, **overrides) -> TrainingArguments:
 
 
 def pretrain(out: Path, objective, *, n: int = 16, epochs: float = 2, validation: bool = False,
-             **overrides) -> DLMTrainer:
+             cuda_graphs: bool = False, **overrides) -> DLMTrainer:
     """Train a tiny model on random tokens in the run's fixed order; scalars go to out/scalars.jsonl."""
     kind = "mdm" if isinstance(objective, MDMObjective) else "ar"
     model = tiny_model(kind)
@@ -61,7 +61,7 @@ def pretrain(out: Path, objective, *, n: int = 16, epochs: float = 2, validation
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set,
                          eval_dataset=train_set if validation else None, objective=objective, tokens_per_step=batch * L,
-                         validation_fn=validation_fn if validation else None,
+                         validation_fn=validation_fn if validation else None, cuda_graphs=cuda_graphs,
                          callbacks=[ScalarMirror(out / SCALARS_FILE)])
     trainer.train()
     return trainer
@@ -223,6 +223,32 @@ def test_fast_head_inside_the_trainer_runs_in_the_mixed_precision_dtype(tmp_path
     assert dtypes and set(dtypes) == {torch.bfloat16}
     for f, p in zip(loss_rows(tmp_path / "fast"), loss_rows(tmp_path / "plain")):
         assert f["loss"] == pytest.approx(p["loss"], rel=2e-2)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_graphed_training_marks_each_step_and_validation(tmp_path, monkeypatch, graphs):
+    """With CUDA-graphed layers every training step and validation pass starts a new graph step (so the graphs may
+    overwrite the last step's outputs); without them the Trainer never calls into the graph machinery."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = pretrain(tmp_path, ARObjective(), n=16, epochs=1, validation=True, cuda_graphs=graphs)
+    steps = trainer.state.global_step
+    validations = sum("val_loss" in r for r in read_scalars(tmp_path))
+    assert steps == 4 and validations == 1
+    assert len(marks) == (steps + validations if graphs else 0)
+
+
+def test_the_trained_model_computes_in_its_own_dtype_after_mixed_precision_training(tmp_path):
+    """bf16 training wraps model.forward in autocast; what the study evaluates must compute as the reloaded
+    checkpoint does (fp32 weights, fp32 compute)."""
+    trainer = pretrain(tmp_path, ARObjective(), n=8, epochs=1, bf16=True)
+    x = torch.randint(3, TOKENS.vocab_size, (2, 8))
+    reloaded = tiny_model("ar")
+    reloaded.load_state_dict(trainer.model.state_dict())
+    with torch.no_grad():
+        expected = reloaded(x).logits
+        assert not torch.equal(trainer.model(x).logits, expected)  # the wrapper computes in bf16
+        assert torch.equal(trainer.final_model()(x).logits, expected)
 
 
 def test_the_objective_gets_each_batchs_index_on_the_host(tmp_path):

@@ -110,7 +110,7 @@ def default_arguments(config: dict, n_samples: int, device: str, *, evals: int =
 
 
 def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_set, objective, tokens_per_step: int,
-        validation_fn, spec: StudySpec, config: dict, data_collator=None, progress=print):
+        validation_fn, spec: StudySpec, config: dict, data_collator=None, cuda_graphs: bool = False, progress=print):
     """The training loop every stage shares: DLMTrainer + tracking + complete-marked checkpoints + resume + SIGTERM.
 
     Returns (trained model, metrics). Raises Interrupted after saving when a signal asked it to stop.
@@ -123,7 +123,7 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     stopper = StopOnSignal()
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          objective=objective, tokens_per_step=tokens_per_step, validation_fn=validation_fn,
-                         data_collator=data_collator,
+                         data_collator=data_collator, cuda_graphs=cuda_graphs,
                          callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
@@ -142,7 +142,7 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
     trained = (trainer.state.global_step - start_step) * tokens_per_step
     runtime = out.metrics.get("train_runtime", float("nan"))
-    return trainer.model, {"train_runtime_s": runtime, "train_tokens_per_s": trained / runtime if runtime else None,
+    return trainer.final_model(), {"train_runtime_s": runtime, "train_tokens_per_s": trained / runtime if runtime else None,
                            "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
 
 
@@ -157,8 +157,11 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
     model = build_model(build_config(run.arm.backbone, run.size, data.tokens, causal=run.arm.causal), seed=spec.seed)
     ts = spec.training
     fast = fast_path(spec)
+    graphs = ts.cuda_graphs and device == "cuda"
+    if ts.cuda_graphs and not graphs:
+        progress(f"{run.run_id}: training.cuda_graphs is for CUDA; compiling without graphs on {device}")
     if fast.get("compiled"):
-        compile_body(model)
+        compile_body(model, cuda_graphs=graphs)
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
         {"mask_id": data.tokens.mask_token_id, "eps": ts.mask_eps, "random_length_ratio": ts.random_length_ratio}
         if run.arm.objective == "mdm" else {}))
@@ -174,7 +177,7 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
 
     return fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set, eval_set=val_set,
                objective=objective, tokens_per_step=tokens_per_step, validation_fn=during_training, spec=spec,
-               config=run.config, progress=progress)
+               config=run.config, cuda_graphs=graphs, progress=progress)
 
 
 def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem], device: str) -> dict:
@@ -190,28 +193,32 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
     acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
     metrics = {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
                "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
-    if probes and run.arm.sampler == "diffusion" and ev.sampler_grid.steps:
-        grid = sampler_grid(model, data.tokenizer, probes, ev)
+    if probes and ev.sampler_grid.steps:
+        grid = sampler_grid(model, data.tokenizer, probes, ev, sampler=run.arm.sampler)
         grid.to_csv(run.dir / "eval" / "sampler_grid.csv", index=False)
     if ev.lm_eval.tasks:
         metrics["lm_eval"] = lm_eval_run(run, spec, data, probes, device)
     return metrics
 
 
-def sampler_grid(model, tokenizer, probes: list[QAItem], ev) -> pd.DataFrame:
-    """Accuracy and generated tokens/s of the diffusion sampler for each valid (steps, block_length, threshold,
-    compiled); a compiled setting is run once untimed first (it compiles per shape)."""
+def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "diffusion") -> pd.DataFrame:
+    """Accuracy and generated tokens/s on the probes for each sampler setting: every valid (steps, block_length,
+    threshold, compiled) for diffusion; AR decoding (one token per step) eager and compiled. A compiled setting is
+    run once untimed first (it compiles per shape)."""
     rows = []
     g = ev.sampler_grid
-    for steps, block, threshold, compiled in itertools.product(g.steps, g.block_length, g.threshold, g.compiled):
-        blocks, rest = divmod(ev.gen_length, block)
-        if rest or steps % blocks:
-            continue
+    if sampler == "diffusion":
+        grid = [(steps, block, threshold, compiled) for steps, block, threshold, compiled
+                in itertools.product(g.steps, g.block_length, g.threshold, g.compiled)
+                if ev.gen_length % block == 0 and steps % (ev.gen_length // block) == 0]
+    else:
+        grid = [(ev.gen_length, 1, None, compiled) for compiled in g.compiled]
+    for steps, block, threshold, compiled in grid:
         settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold, compiled)
         if compiled:
-            answer_questions(model, tokenizer, probes, sampler="diffusion", settings=settings)
+            answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
         start = time.perf_counter()
-        answers = answer_questions(model, tokenizer, probes, sampler="diffusion", settings=settings)
+        answers = answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
         seconds = time.perf_counter() - start
         acc = accuracy_by_direction(answers)
         rows.append({"steps": steps, "block_length": block, "threshold": threshold, "compiled": compiled,

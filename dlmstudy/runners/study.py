@@ -62,14 +62,12 @@ class Run:
 
 
 # Training settings that change speed, not results: left out of run ids.
-SPEED_ONLY = {"fast_head", "head_chunk", "compile"}
+SPEED_ONLY = {"fast_head", "head_chunk", "compile", "cuda_graphs"}
 
 
 def fast_path(spec: StudySpec) -> dict:
-    """Objective settings for the exact fast head (opt-in: `training.fast_head`) and optional compilation."""
+    """Objective settings for the exact fast head (`training.fast_head`, on by default) and optional compilation."""
     ts = spec.training
-    if ts.compile and not ts.fast_head:
-        raise UserError("training.compile needs the fast head (training.fast_head: true)")
     return {"fast_head": True, "chunk": ts.head_chunk, "compiled": ts.compile} if ts.fast_head else {}
 
 

@@ -129,7 +129,17 @@ class TrainingSpec(Strict):
     head_chunk: int = Field(2048, ge=0)
     compile: bool = Field(False, description="torch.compile each decoder layer and the head's chunk step (with the "
                           "fast head); worth it for long runs, costs compile time per run")
+    cuda_graphs: bool = Field(False, description="with compile, on CUDA: replay each compiled decoder layer as a CUDA "
+                              "graph (compile mode reduce-overhead), so the host launches less per step")
     arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _speed_switches(self) -> "TrainingSpec":
+        if self.compile and not self.fast_head:
+            raise ValueError("training.compile needs the fast head (training.fast_head: true)")
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("training.cuda_graphs needs training.compile: true (it is a compile mode)")
+        return self
 
 
 class LmEvalSpec(Strict):
@@ -142,7 +152,8 @@ class LmEvalSpec(Strict):
 
 
 class SamplerGridSpec(Strict):
-    """Diffusion sampler settings swept on the QA probes of every diffusion run (accuracy and tokens/s)."""
+    """Sampler settings swept on the QA probes of every run (accuracy and tokens/s): each valid (steps,
+    block_length, threshold, compiled) for diffusion runs; eager and compiled decoding for AR runs."""
 
     steps: list[int] = Field(default_factory=list)
     block_length: list[int] = Field(default_factory=list)

@@ -34,8 +34,10 @@ class DLMTrainer(Trainer):
     loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: let the Trainer divide by accumulation
 
     def __init__(self, *args, objective: Callable, tokens_per_step: int,
-                 validation_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None, **kwargs):
+                 validation_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None, cuda_graphs: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.cuda_graphs = cuda_graphs
         collate = self.data_collator
         self.data_collator = lambda features: host_index(collate(features))
         self.objective = objective
@@ -48,6 +50,16 @@ class DLMTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
+    def _mark_step(self) -> None:
+        """With CUDA-graphed layers (`compile_body(..., cuda_graphs=True)`): the last step's graph outputs are
+        consumed, so the graphs may overwrite them."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._mark_step()
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The objective under the run's mixed precision: accelerate autocasts only `model.forward`, so a loss
         that runs the output head itself (the fast head) would otherwise do its matmuls in fp32."""
@@ -58,6 +70,13 @@ class DLMTrainer(Trainer):
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
             self._metric_count += 1
         return (loss, None) if return_outputs else loss
+
+    def final_model(self) -> torch.nn.Module:
+        """The trained model without accelerate's mixed-precision wrapper around `forward`, so what runs next
+        (evaluation, sampling) computes in the model's own dtype, as a reloaded checkpoint does. Under the
+        wrapper an AR model's prefill wrote fp32 keys into a static KV cache that compiled decoding then fed
+        bf16 keys (seen on the H200)."""
+        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save as the Trainer does, then wait for every process, so `on_save` (the completion mark) comes last."""
@@ -85,6 +104,7 @@ class DLMTrainer(Trainer):
             return {}
         was_training = self.model.training
         self.model.eval()
+        self._mark_step()
         metrics = self.validation_fn(self.model)
         if was_training:
             self.model.train()
