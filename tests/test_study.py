@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -25,6 +26,7 @@ TINY = {
     "grid": {"unique_people": [20, 60], "total_tokens": 2048},
     "training": {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_batches": 1},
     "evaluation": {"mc_num": 2, "qa_people": 2, "steps": 4, "gen_length": 4, "block_length": 4, "batch_size": 16,
+                   "sampler_grid": {"steps": [4, 2], "block_length": [4, 2]},
                    "lm_eval": {"tasks": ["bio_qa_forward", "bio_mc"], "limit": 2}},
 }
 
@@ -53,6 +55,13 @@ def test_every_run_finishes_with_result_and_contracted_files(finished):
         assert list((run / "swanlog").glob("run-*/*.swanlab")), "SwanLab offline log written"
         scalars = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
         assert any("val_loss" in s for s in scalars) and any("loss" in s for s in scalars)
+        grid = pd.read_csv(run / "eval" / "sampler_grid.csv")
+        settings = {(r.steps, r.block_length) for r in grid.itertuples()}
+        if r["objective"] == "ar":  # one token per step, gen_length steps
+            assert settings == {(4, 1)}
+        else:  # every (steps, block length) pair here splits evenly over the blocks
+            assert settings == {(4, 4), (4, 2), (2, 4), (2, 2)}
+        assert grid["accuracy"].between(0, 1).all() and (grid["tokens_per_s"] > 0).all()
 
 
 @pytest.mark.slow
