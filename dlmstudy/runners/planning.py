@@ -69,7 +69,7 @@ def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], 
                   device_name: str | None = None) -> list[Estimate]:
     """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
     ts = spec.training
-    mode = "fast-compiled" if ts.compile else "fast" if ts.fast_head else "plain"
+    mode = "fast-graphs" if ts.cuda_graphs else "fast-compiled" if ts.compile else "fast" if ts.fast_head else "plain"
     out = []
     for r in runs:
         n, fpt = run_flops(r)

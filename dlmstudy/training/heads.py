@@ -5,7 +5,8 @@ FLOPs and its fp32 logits [B L, V] are 8.3 GB. Two exact levers (docs/performanc
 - diffusion scores masked positions only, so the head runs on hidden[masked] (about half the rows);
 - `linear_cross_entropy` walks the rows in chunks; for a weighted sum of CEs it computes the gradients
   chunk by chunk in the forward pass (as Liger's fused kernel does), so no [N, V] tensor ever exists
-  and no logits are recomputed in backward.
+  and no logits are recomputed in backward. On CUDA each chunk's softmax, CE and logit gradient are one
+  Triton kernel (ce_kernel.py); elsewhere torch ops, optionally compiled.
 `FastMDMObjective` and `FastARObjective` are the objectives of objectives.py on this path.
 """
 
