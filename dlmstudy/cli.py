@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="multi-turn terminal chat with a model; reads stdin line by line")
     add_decoding_flags(s)
     s.set_defaults(func=cmd_chat)
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False  # `plan --device cuda` must not silently mean `--device_name cuda`
     return p
 
 
