@@ -142,8 +142,9 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
     trained = (trainer.state.global_step - start_step) * tokens_per_step
     runtime = out.metrics.get("train_runtime", float("nan"))
-    return trainer.final_model(), {"train_runtime_s": runtime, "train_tokens_per_s": trained / runtime if runtime else None,
-                           "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
+    return trainer.final_model(), {"train_runtime_s": runtime,
+                                   "train_tokens_per_s": trained / runtime if runtime else None,
+                                   "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
 
 
 def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=print):
