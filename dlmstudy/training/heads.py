@@ -75,7 +75,13 @@ def _chunk_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch.
     else:
         dz.scatter_add_(1, t[:, None], torch.full_like(ce[:, None], -1.0))
     dz = dz.mul_(scale[:, None]).to(h.dtype)
-    return ce, dz @ w if need_dh else None, dz.T @ h if need_dw else None
+    return ce, *_backprop(dz, h, w, need_dh, need_dw)
+
+
+def _backprop(dz: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need_dh: bool, need_dw: bool
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From the logit gradient dz [chunk, V] to dh = dz W and dW = dz^T h, each only when needed."""
+    return dz @ w if need_dh else None, dz.T @ h if need_dw else None
 
 
 def _kernel_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, need_dh: bool, need_dw: bool
@@ -84,8 +90,8 @@ def _kernel_step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: torch
     z = h @ w.T
     if not (need_dh or need_dw):
         return ce_kernel.softmax_ce_grad_(z, t), None, None
-    ce = ce_kernel.softmax_ce_grad_(z, t, scale)
-    return ce, z @ w if need_dh else None, z.T @ h if need_dw else None
+    ce = ce_kernel.softmax_ce_grad_(z, t, scale)  # z is dz from here on
+    return ce, *_backprop(z, h, w, need_dh, need_dw)
 
 
 @functools.cache
