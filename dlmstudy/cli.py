@@ -203,7 +203,8 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float,
                    help="diffusion: classifier-free guidance scale (default 0)")
     s.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion (default low_confidence)")
-    s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident")
+    s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident "
+                   "(and never fewer than keep each block within its steps)")
     s.add_argument("--use_cache", action="store_true", default=None,
                    help="diffusion, Fast-dLLM: per-block prefix KV cache")
     s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")

@@ -281,23 +281,30 @@ def test_threshold_commits_every_confident_token_then_at_least_one_per_step():
     assert (out[0, 2:] == 3).all()
 
 
-def test_threshold_above_one_is_one_token_per_step(mdm):
+@pytest.mark.parametrize("steps", [3, 6, 12])
+def test_threshold_above_one_is_the_plain_schedule(mdm, steps):
     _, batch, mask = prompts([4, 6, 2])
     options = dict(gen_length=12, block_length=4, mask_id=MASK, attention_mask=mask)
-    parallel, history = generate(mdm, batch, steps=3, threshold=1.5, return_history=True, **options)
-    assert torch.equal(parallel, generate(mdm, batch, steps=12, **options))
-    assert sorted(history[0].tolist()) == list(range(12))
+    parallel, history = generate(mdm, batch, steps=steps, threshold=1.5, return_history=True, **options)
+    assert torch.equal(parallel, generate(mdm, batch, steps=steps, **options))
+    assert history.max() == steps - 1
 
 
-def test_threshold_commits_at_least_one_token_per_step(mdm):
+@pytest.mark.parametrize("steps", [3, 6, 12])
+def test_threshold_commits_at_least_the_schedules_floor_and_ends_within_the_steps(mdm, steps):
     _, batch, mask = prompts([4, 6, 2])
-    out, history = generate(mdm, batch, steps=3, gen_length=12, block_length=4, mask_id=MASK, attention_mask=mask,
+    out, history = generate(mdm, batch, steps=steps, gen_length=12, block_length=4, mask_id=MASK, attention_mask=mask,
                             threshold=0.3, return_history=True)
     assert not (out == MASK).any()
+    per_block = steps // 3
     for row in history:
         for block in row.view(3, 4):
             counts = torch.bincount(block - block.min())
-            assert (counts >= 1).all()
+            assert (counts >= 1).all() and len(counts) <= per_block
+            left = 4
+            for i, count in enumerate(counts.tolist()):
+                assert count >= -(-left // (per_block - i))  # ceil(masks left / steps left)
+                left -= count
 
 
 # --- Fast-dLLM prefix cache ---------------------------------------------------------------------------

@@ -270,7 +270,8 @@ SAMPLE_MODES = {"plain": {}, "cached": {"use_cache": True}, "parallel": {"thresh
 
 
 def sampling_grid(cfg: BenchConfig) -> list[tuple[str, int, int]]:
-    """(mode, steps, block_length) settings the sampler accepts; parallel decoding (steps unused) once per block."""
+    """(mode, steps, block_length) settings the sampler accepts; parallel decoding once per block, at
+    steps = gen_length (one token per step at least: Fast-dLLM's rule)."""
     grid = []
     for block in cfg.block_lengths:
         if cfg.gen_length % block:

@@ -7,9 +7,11 @@ count split evenly over its steps, the remainder one each to the first steps). O
 
 - `cfg_scale`: classifier-free guidance, logits = un + (cfg + 1)(cond - un), where the
   unconditional pass sees the prompt replaced by mask tokens.
-- `threshold` (Fast-dLLM parallel decoding): instead of the schedule, commit every masked token of
-  the block whose confidence is >= threshold, at least the most confident one per step; a block
-  ends when it has no masks left, so the number of steps adapts (`steps` only has to pass the checks).
+- `threshold` (Fast-dLLM parallel decoding): commit every masked token of the block whose confidence
+  is >= threshold, and at least the ceil(masks left / steps left) most confident ones, so a block
+  ends within its `steps / num_blocks` steps and sooner when the model is confident. With steps =
+  gen_length that floor is one token per step, Fast-dLLM's rule (whose `steps` does nothing under a
+  threshold); with fewer steps it is the plain schedule, which a threshold above 1 reproduces exactly.
 - `use_cache` (Fast-dLLM prefix cache): the first step of a block runs the whole sequence and keeps
   the K/V of the prefix (prompt and finished blocks); the block's later steps run only the block
   and the masked suffix against that cache. With bidirectional attention the prefix K/V depend on
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -286,9 +287,8 @@ def generate(
             generated_index = torch.arange(gen_block.start, gen_block.stop, device=x.device)
             eos_banned = (generated_index < min_new_tokens).expand(batch, -1)
         cache = DynamicCache() if use_cache else None
-        for i in itertools.count():
-            block_done = i == steps_per_block if threshold is None else not (x[:, block] == mask_id).any()
-            if block_done:
+        for i in range(steps_per_block):
+            if threshold is not None and not (x[:, block] == mask_id).any():
                 break
             start = block.start if (cache is not None and i > 0) else 0
             logits = denoiser.logits(x, start, block, cache)
@@ -304,8 +304,9 @@ def generate(
             confidence = confidence.masked_fill(~masked, float("-inf"))
             if threshold is None:
                 commit = top_k_mask(confidence, schedule[:, i])
-            else:
-                commit = (confidence >= threshold) | top_k_mask(confidence, masked.any(dim=-1).long())
+            else:  # the floor keeps the block on schedule: ceil(masks left / steps left)
+                floor = (masked.sum(dim=-1) + steps_per_block - i - 1) // (steps_per_block - i)
+                commit = (confidence >= threshold) | top_k_mask(confidence, floor)
             x[:, block] = torch.where(commit, x0, x[:, block])
             unmask_step[:, gen_block] = unmask_step[:, gen_block].masked_fill(commit, step)
             step += 1
