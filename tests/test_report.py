@@ -74,8 +74,8 @@ def make_study(root: Path) -> Path:
         "results": {"bio_qa_forward": {"alias": "bio_qa_forward", "exact_match,none": 0.25,
                                        "exact_match_stderr,none": 0.05}},
         "n-samples": {"bio_qa_forward": {"original": 40, "effective": 40}}}))
-    grid = [{"steps": s, "block_length": b, "threshold": t, "accuracy": 0.1 * s / b, "tokens_per_s": 100.0 * b / s}
-            for s in (4, 8) for b in (4, 8) for t in (np.nan, 0.9)]
+    grid = [{"steps": s, "block_length": b, "threshold": t, "accuracy": 0.1 * s / b, "tokens_per_s": 100.0 * b / s,
+             "same_answers": 0.9, "accuracy_diff_se": 0.01} for s in (4, 8) for b in (4, 8) for t in (np.nan, 0.9)]
     pd.DataFrame(grid).to_csv(first / "eval" / "sampler_grid.csv", index=False)
     for epoch in (1, 2):
         sft = first / "sft" / "alpaca-2ep" / f"epoch-{epoch}"
@@ -125,7 +125,7 @@ def test_report_tables_missing_runs_claims_and_figures(built):
     images = re.findall(r'<img[^>]*src="([^"]+)"', html)
     assert {"figures/loss_vs_tokens.png", "figures/loss_vs_epochs.png", "figures/loss_vs_flops.png",
             "figures/accuracy.png", "figures/sampler_accuracy.png", "figures/sampler_speed.png",
-            "figures/sft.png"} <= set(images)
+            "figures/sampler_tradeoff.png", "figures/sft.png"} <= set(images)
     assert all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in images)
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html and "<script" not in html
 

@@ -52,6 +52,7 @@ def test_every_run_finishes_with_result_and_contracted_files(finished):
         assert not (run / "checkpoints").exists(), "intermediate checkpoints are removed once the run is done"
         assert r["val_loss_kind"] == ("exact NLL" if r["objective"] == "ar" else "ELBO (upper bound on NLL)")
         assert r["params_total"] > r["params_non_embedding"] > 0
+        assert r["probe_dtype"] == "float32"  # CPU trains in fp32; bf16 runs decode their probes in bf16
         assert list((run / "swanlog").glob("run-*/*.swanlab")), "SwanLab offline log written"
         scalars = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
         assert any("val_loss" in s for s in scalars) and any("loss" in s for s in scalars)
@@ -62,6 +63,9 @@ def test_every_run_finishes_with_result_and_contracted_files(finished):
         else:  # every (steps, block length) pair here splits evenly over the blocks
             assert settings == {(4, 4), (4, 2), (2, 4), (2, 2)}
         assert grid["accuracy"].between(0, 1).all() and (grid["tokens_per_s"] > 0).all()
+        reference = grid.iloc[0]  # the plain sampler with the most steps is its own reference
+        assert reference["same_answers"] == 1.0 and reference["accuracy_diff_se"] == 0.0
+        assert grid["same_answers"].between(0, 1).all()
 
 
 @pytest.mark.slow

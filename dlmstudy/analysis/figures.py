@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from dlmstudy.analysis.paired import reference_setting  # noqa: E402
 from dlmstudy.study.plan import short_count  # noqa: E402
 
 LOSS_LABEL = "validation loss (nats/token)"
@@ -231,6 +232,42 @@ def sampler_heatmaps(grid: pd.DataFrame, value: str, path: Path, runs: pd.DataFr
         ax.set_title(f"{labels.get(run_id, run_id)}\nthreshold {threshold}" + (", compiled" if is_compiled else ""),
                      fontsize=8)
     fig.suptitle(f"Sampler grid: {value.replace('tokens_per_s', 'tokens/s')}", fontsize=10)
+    return _save(fig, path)
+
+
+def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None = None) -> Path | None:
+    """Each sampler setting's speed-up over the run's plain sampler (x, log) against its accuracy difference, paired
+    probe by probe (y, +-1.96 paired standard errors): settings whose bar crosses 0 are equal within noise."""
+    if grid.empty or "accuracy_diff_se" not in grid:
+        return None
+    labels = {}
+    if runs is not None and len(runs):
+        labels = {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
+    compiled = grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False
+    df = grid.assign(compiled=compiled).dropna(subset=["accuracy_diff_se"])
+    run_ids = sorted(set(df["run_id"]))
+    fig, axes = _grid(len(run_ids), width=5.0, height=3.8, wrap=2)
+    for ax, run_id in zip(axes, run_ids):
+        rows = df[df["run_id"] == run_id].reset_index(drop=True)
+        settings = [(r.steps, r.block_length, None if pd.isna(r.threshold) else r.threshold, r.compiled)
+                    for r in rows.itertuples()]
+        ref = rows.iloc[reference_setting(settings)]
+        for r in rows.itertuples():
+            speedup, delta = r.tokens_per_s / ref["tokens_per_s"], r.accuracy - ref["accuracy"]
+            colour = "tab:grey" if pd.isna(r.threshold) else ("tab:blue" if r.threshold >= 0.85 else "tab:orange")
+            ax.errorbar(speedup, delta, yerr=1.96 * r.accuracy_diff_se, fmt="o", color=colour, capsize=2,
+                        markerfacecolor=colour if r.compiled else "white")
+            threshold = "" if pd.isna(r.threshold) else f" τ{r.threshold:g}"
+            ax.annotate(f"{r.steps}/{r.block_length}{threshold}", (speedup, delta), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="black", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("speed-up over the plain sampler (tokens/s)")
+        ax.set_ylabel("accuracy - plain (paired, 95%)")
+        ax.set_title(f"{labels.get(run_id, run_id)}\nfilled: compiled; grey: fixed schedule, colour: threshold",
+                     fontsize=8)
     return _save(fig, path)
 
 

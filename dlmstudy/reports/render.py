@@ -210,6 +210,10 @@ def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: in
                                                                           fig_dir / "sampler_accuracy.png", runs))
         report.figure("Sampler grid: tokens/s", figures.sampler_heatmaps(frames.sampler_grid, "tokens_per_s",
                                                                           fig_dir / "sampler_speed.png", runs))
+        report.figure("Sampler speed against accuracy", figures.sampler_tradeoff(
+            frames.sampler_grid, fig_dir / "sampler_tradeoff.png", runs),
+            "Speed-up over each run's plain sampler (no threshold, eager, the most steps) against the accuracy "
+            "difference measured probe by probe, with its 95% interval: a bar that crosses 0 is equal within noise.")
     if len(frames.lm_eval):
         report.add("## lm_eval results", "Each task's metrics as lm_eval reported them (stderr from lm_eval).")
         report.table(frames.lm_eval, "lm_eval", frames.lm_eval.drop(columns=["file"]))

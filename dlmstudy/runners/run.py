@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from dlmstudy.analysis.paired import paired_comparison, reference_setting
 from dlmstudy.atomic import write_json_atomic
 from dlmstudy.data.biographies import QAItem
 from dlmstudy.data.packing import PackedDataset, epoch_order, prefix_chunks
@@ -182,18 +183,25 @@ def train_run(run: Run, spec: StudySpec, data: StudyData, device: str, progress=
 
 
 def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem], device: str) -> dict:
-    """Final validation loss on every validation sequence and QA accuracy per direction."""
+    """Final validation loss on every validation sequence and QA accuracy per direction.
+
+    The loss is computed with the trained (fp32) weights. The probes then decode as the model is served: with
+    bf16 weights where the run trained in bf16, as `dlmstudy bench` samples, so the sampler grid's speeds are
+    the deployed ones. The model is cast in place: its checkpoint is already saved."""
     ev = spec.evaluation
     model.eval()
     val = validation_loss(model, run.arm.objective, torch.from_numpy(data.validation.astype("int64")),
                           mask_id=data.tokens.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size, seed=spec.seed)
+    if run.config["training"].get("bf16", device != "cpu" and supports_bf16(device)):
+        model.to(torch.bfloat16)
     rows = answer_questions(model, data.tokenizer, probes, sampler=run.arm.sampler,
                             settings=DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size,
                                                      compiled=ev.compiled)) if probes else []
     save_answers(rows, run.dir / "eval" / "qa_samples.jsonl")
     acc = {k: (None if v != v else v) for k, v in accuracy_by_direction(rows).items()}
     metrics = {"final_val_loss": val["val_loss"], "final_val_loss_stderr": val["val_loss_stderr"],
-               "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows)}
+               "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"], "n_probes": len(rows),
+               "probe_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if probes and ev.sampler_grid.steps:
         grid = sampler_grid(model, data.tokenizer, probes, ev, sampler=run.arm.sampler)
         grid.to_csv(run.dir / "eval" / "sampler_grid.csv", index=False)
@@ -205,8 +213,12 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
 def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "diffusion") -> pd.DataFrame:
     """Accuracy and generated tokens/s on the probes for each sampler setting: every valid (steps, block_length,
     threshold, compiled) for diffusion; AR decoding (one token per step) eager and compiled. A compiled setting is
-    run once untimed first (it compiles per shape)."""
-    rows = []
+    run once untimed first (it compiles per shape).
+
+    Each row is also compared probe by probe with the reference setting (`reference_setting`): the share of
+    answers identical to its answers, and the paired standard error of the accuracy difference, which is what
+    "equal accuracy" is judged against (it is far smaller than the two accuracies' own errors when most answers
+    agree)."""
     g = ev.sampler_grid
     if sampler == "diffusion":
         grid = [(steps, block, threshold, compiled) for steps, block, threshold, compiled
@@ -214,6 +226,7 @@ def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "dif
                 if ev.gen_length % block == 0 and steps % (ev.gen_length // block) == 0]
     else:
         grid = [(ev.gen_length, 1, None, compiled) for compiled in g.compiled]
+    rows, answers_by_setting = [], []
     for steps, block, threshold, compiled in grid:
         settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold, compiled)
         if compiled:
@@ -222,10 +235,15 @@ def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "dif
         answers = answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
         seconds = time.perf_counter() - start
         acc = accuracy_by_direction(answers)
+        answers_by_setting.append(answers)
         rows.append({"steps": steps, "block_length": block, "threshold": threshold, "compiled": compiled,
                      "accuracy": sum(a["correct"] for a in answers) / len(answers),
                      "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"],
                      "tokens_per_s": len(answers) * ev.gen_length / seconds})
+    if rows:
+        reference = answers_by_setting[reference_setting(grid)]
+        for row, answers in zip(rows, answers_by_setting):
+            row.update(paired_comparison(answers, reference))
     return pd.DataFrame(rows)
 
 
