@@ -327,7 +327,8 @@ def compile_body(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.
     In place (`Module.compile`), so parameter names and checkpoints are unchanged; the layers share code,
     so one graph serves them all. cuda_graphs: compile mode "reduce-overhead", which replays each layer's
     kernels as a CUDA graph (a training loop then calls `torch.compiler.cudagraph_mark_step_begin()` before
-    each step); so far measured in `dlmstudy bench` only (mode fast-graphs), not inside the Trainer.
+    each step; `DLMTrainer(cuda_graphs=True)` does). One graph per layer: a whole-decoder graph was no faster for
+    AR and slower for diffusion on an H200 (docs/benchmarks.md, fifth session).
     """
     for layer in unwrap_model(model).get_decoder().layers:
         layer.compile(mode="reduce-overhead" if cuda_graphs else None)
