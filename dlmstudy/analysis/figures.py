@@ -213,22 +213,33 @@ def accuracy_by_arm(reversal: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _run_labels(runs: pd.DataFrame | None) -> dict[str, str]:
+    """run_id -> "arm, U=..., R=..." for panel titles (empty without the runs table)."""
+    if runs is None or not len(runs):
+        return {}
+    return {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
+
+
+def _with_compiled(grid: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a sampler grid with a boolean `compiled` column (grids written before it existed ran eager)."""
+    return grid.assign(compiled=grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False)
+
+
 def sampler_heatmaps(grid: pd.DataFrame, value: str, path: Path, runs: pd.DataFrame | None = None) -> Path | None:
     """`value` (accuracy or tokens_per_s) over steps × block length, one panel per run, threshold and compiled."""
     if grid.empty or value not in grid:
         return None
-    compiled = grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False  # older grids: eager
-    df = grid.assign(threshold=grid["threshold"].map(lambda t: "off" if pd.isna(t) else f"{t:g}"), compiled=compiled)
-    labels = {}
-    if runs is not None and len(runs):
-        labels = {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
+    df = _with_compiled(grid)
+    df["threshold"] = grid["threshold"].map(lambda t: "off" if pd.isna(t) else f"{t:g}")
+    labels = _run_labels(runs)
     panels = sorted(df.groupby(["run_id", "threshold", "compiled"]).groups)
+    scale = df.groupby("run_id")[value].agg(["min", "max"]).apply(tuple, axis=1)  # one colour scale per run
     fig, axes = _grid(len(panels), width=4.4, height=3.6, wrap=3)
     for ax, (run_id, threshold, is_compiled) in zip(axes, panels):
         cell = df[(df["run_id"] == run_id) & (df["threshold"] == threshold) & (df["compiled"] == is_compiled)]
         table = cell.pivot_table(index="steps", columns="block_length", values=value)
         sns.heatmap(table, annot=True, fmt=".2f" if value == "accuracy" else ".3g", cmap="viridis", ax=ax, cbar=False,
-                    annot_kws={"fontsize": 7})
+                    annot_kws={"fontsize": 7}, vmin=scale[run_id][0], vmax=scale[run_id][1])
         ax.set_title(f"{labels.get(run_id, run_id)}\nthreshold {threshold}" + (", compiled" if is_compiled else ""),
                      fontsize=8)
     fig.suptitle(f"Sampler grid: {value.replace('tokens_per_s', 'tokens/s')}", fontsize=10)
@@ -240,11 +251,8 @@ def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None =
     probe by probe (y, +-1.96 paired standard errors): settings whose bar crosses 0 are equal within noise."""
     if grid.empty or "accuracy_diff_se" not in grid:
         return None
-    labels = {}
-    if runs is not None and len(runs):
-        labels = {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
-    compiled = grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False
-    df = grid.assign(compiled=compiled).dropna(subset=["accuracy_diff_se"])
+    labels = _run_labels(runs)
+    df = _with_compiled(grid).dropna(subset=["accuracy_diff_se"])
     run_ids = sorted(set(df["run_id"]))
     fig, axes = _grid(len(run_ids), width=5.0, height=3.8, wrap=2)
     for ax, run_id in zip(axes, run_ids):
