@@ -254,6 +254,8 @@ def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None =
     labels = _run_labels(runs)
     df = _with_compiled(grid).dropna(subset=["accuracy_diff_se"])
     run_ids = sorted(set(df["run_id"]))
+    thresholds = sorted(set(df["threshold"].dropna()))
+    colours = dict(zip(thresholds, sns.color_palette("viridis", len(thresholds))))
     fig, axes = _grid(len(run_ids), width=5.0, height=3.8, wrap=2)
     for ax, run_id in zip(axes, run_ids):
         rows = df[df["run_id"] == run_id].reset_index(drop=True)
@@ -262,7 +264,7 @@ def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None =
         ref = rows.iloc[reference_setting(settings)]
         for r in rows.itertuples():
             speedup, delta = r.tokens_per_s / ref["tokens_per_s"], r.accuracy - ref["accuracy"]
-            colour = "tab:grey" if pd.isna(r.threshold) else ("tab:blue" if r.threshold >= 0.85 else "tab:orange")
+            colour = "tab:grey" if pd.isna(r.threshold) else colours[r.threshold]
             ax.errorbar(speedup, delta, yerr=1.96 * r.accuracy_diff_se, fmt="o", color=colour, capsize=2,
                         markerfacecolor=colour if r.compiled else "white")
             threshold = "" if pd.isna(r.threshold) else f" τ{r.threshold:g}"
@@ -274,7 +276,7 @@ def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None =
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("speed-up over the plain sampler (tokens/s)")
         ax.set_ylabel("accuracy - plain (paired, 95%)")
-        ax.set_title(f"{labels.get(run_id, run_id)}\nfilled: compiled; grey: fixed schedule, colour: threshold",
+        ax.set_title(f"{labels.get(run_id, run_id)}\nfilled: compiled; grey: fixed schedule, colours: thresholds τ",
                      fontsize=8)
     return _save(fig, path)
 
