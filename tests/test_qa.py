@@ -1,12 +1,18 @@
-"""Answer scoring: exact match of the first line, SQuAD token F1 of free-form answers; sampler settings compared
-probe by probe."""
+"""Answer scoring: exact match of the first line, SQuAD token F1 of free-form answers; probe batching; sampler
+settings compared probe by probe."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
+import torch
 
 from dlmstudy.analysis.paired import paired_comparison, reference_setting
-from dlmstudy.evaluation.qa import cut_at_eos, extract_answer, token_f1
+from dlmstudy.data import biographies as bio
+from dlmstudy.data.tokenizer import train_bpe
+from dlmstudy.evaluation import qa
+from dlmstudy.evaluation.qa import DecodeSettings, answer_questions, cut_at_eos, extract_answer, token_f1
 
 
 def test_token_f1_counts_shared_words_after_normalising():
@@ -38,3 +44,27 @@ def test_the_sampler_grids_reference_is_the_plain_sampler_with_the_most_steps():
             (16, 16, None, False)]
     assert reference_setting(grid) == 4
     assert reference_setting(grid[:3]) == 2  # all compiled or parallel: the most steps without a threshold
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compiled_probes_share_one_prompt_length_across_batches(monkeypatch, compiled):
+    items = [q for p in bio.generate_people(3, seed=0) for q in bio.qa_items(p)]
+    tokenizer = train_bpe([qa.qa_prompt(q) for q in items] * 4, vocab_size=300)
+    widths = []
+
+    def fake_sample(model, prompt, **options):  # answers nothing: records the prompt width of every batch
+        widths.append(prompt.shape[1])
+        return torch.cat([prompt, prompt.new_full((prompt.shape[0], 4), tokenizer.eos_token_id)], dim=1)
+
+    monkeypatch.setattr(qa, "sample", fake_sample)
+    model = types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]),
+                                  config=types.SimpleNamespace(mask_token_id=0))
+    rows = answer_questions(model, tokenizer, items, sampler="diffusion",
+                            settings=DecodeSettings(steps=4, gen_length=4, block_length=4, batch_size=2,
+                                                    compiled=compiled))
+    assert len(rows) == len(items) and len(widths) == -(-len(items) // 2)
+    longest = max(len(tokenizer(qa.qa_prompt(q), add_special_tokens=False)["input_ids"]) for q in items)
+    if compiled:
+        assert set(widths) == {longest}
+    else:
+        assert len(set(widths)) > 1 and max(widths) == longest

@@ -32,6 +32,8 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x", "grid": GRID, "data": {"pretrain": {"people": 3000}}}, "data.pretrain.people"),
     ({"name": "x", "grid": GRID, "training": {"cuda_graphs": True}}, "training.cuda_graphs needs training.compile"),
     ({"name": "x", "grid": GRID, "training": {"compile": True, "fast_head": False}}, "training.compile needs the fast"),
+    ({"name": "x", "grid": GRID, "evaluation": {"sampler_grid": {"batch_size": [0]}}},
+     "evaluation.sampler_grid.batch_size"),
 ])
 def test_bad_spec_is_one_line_naming_key_and_file(tmp_path, raw, expected):
     path = write(tmp_path, raw)
@@ -55,6 +57,15 @@ def test_grid_expansion_zip_product_and_total_tokens():
     assert len(data_settings(prod.grid)) == 4
     total = parse_spec({"name": "x", "grid": {"unique_tokens": [100, 400], "total_tokens": 800}})
     assert [s.epochs_for(s.unique) for s in data_settings(total.grid)] == [8.0, 2.0]
+
+
+def test_speed_only_evaluation_switches_stay_out_of_run_identity():
+    plain = parse_spec({"name": "x", "grid": GRID})
+    fast = parse_spec({"name": "x", "grid": GRID, "evaluation": {"compiled": True, "sampler_grid": {
+        "compiled": [False, True], "batch_size": [1, 8]}}})
+    assert fast.evaluation.identity() == plain.evaluation.identity()
+    swept = parse_spec({"name": "x", "grid": GRID, "evaluation": {"sampler_grid": {"steps": [4]}}})
+    assert swept.evaluation.identity() != plain.evaluation.identity()
 
 
 def test_run_id_is_a_stable_hash_of_the_config():

@@ -26,7 +26,7 @@ TINY = {
     "grid": {"unique_people": [20, 60], "total_tokens": 2048},
     "training": {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "eval_batches": 1},
     "evaluation": {"mc_num": 2, "qa_people": 2, "steps": 4, "gen_length": 4, "block_length": 4, "batch_size": 16,
-                   "sampler_grid": {"steps": [4, 2], "block_length": [4, 2]},
+                   "sampler_grid": {"steps": [4, 2], "block_length": [4, 2], "batch_size": [3, 64]},
                    "lm_eval": {"tasks": ["bio_qa_forward", "bio_mc"], "limit": 2}},
 }
 
@@ -63,8 +63,10 @@ def test_every_run_finishes_with_result_and_contracted_files(finished):
         else:  # every (steps, block length) pair here splits evenly over the blocks
             assert settings == {(4, 4), (4, 2), (2, 4), (2, 2)}
         assert grid["accuracy"].between(0, 1).all() and (grid["tokens_per_s"] > 0).all()
-        reference = grid.iloc[0]  # the plain sampler with the most steps is its own reference
-        assert reference["same_answers"] == 1.0 and reference["accuracy_diff_se"] == 0.0
+        assert sorted(set(grid["batch_size"])) == [3, 64] and len(grid) == 2 * len(settings)
+        for _, rows in grid.groupby("batch_size"):  # the plain sampler with the most steps, compared with itself
+            reference = rows.iloc[0]
+            assert reference["same_answers"] == 1.0 and reference["accuracy_diff_se"] == 0.0
         assert grid["same_answers"].between(0, 1).all()
 
 

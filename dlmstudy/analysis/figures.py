@@ -220,45 +220,56 @@ def _run_labels(runs: pd.DataFrame | None) -> dict[str, str]:
     return {r.run_id: f"{r.arm}, {setting_label(r.unique_tokens, r.epochs)}" for r in runs.itertuples()}
 
 
-def _with_compiled(grid: pd.DataFrame) -> pd.DataFrame:
-    """A copy of a sampler grid with a boolean `compiled` column (grids written before it existed ran eager)."""
-    return grid.assign(compiled=grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False)
+def _sampler_frame(grid: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a sampler grid with a boolean `compiled` and an integer `batch_size` column (grids written before
+    they existed ran eager, at one batch size: 0 here)."""
+    return grid.assign(compiled=grid["compiled"].fillna(False).astype(bool) if "compiled" in grid else False,
+                       batch_size=grid["batch_size"].fillna(0).astype(int) if "batch_size" in grid else 0)
+
+
+def _sampler_title(run_label: str, batch_size: int, detail: str) -> str:
+    """A sampler panel's title: the run, its batch size where the grid recorded one, and the panel's detail."""
+    return run_label + (f", batch {batch_size}" if batch_size else "") + f"\n{detail}"
 
 
 def sampler_heatmaps(grid: pd.DataFrame, value: str, path: Path, runs: pd.DataFrame | None = None) -> Path | None:
-    """`value` (accuracy or tokens_per_s) over steps × block length, one panel per run, threshold and compiled."""
+    """`value` (accuracy or tokens_per_s) over steps × block length, one panel per run, batch size, threshold and
+    compiled."""
     if grid.empty or value not in grid:
         return None
-    df = _with_compiled(grid)
+    df = _sampler_frame(grid)
     df["threshold"] = grid["threshold"].map(lambda t: "off" if pd.isna(t) else f"{t:g}")
     labels = _run_labels(runs)
-    panels = sorted(df.groupby(["run_id", "threshold", "compiled"]).groups)
+    keys = ["run_id", "batch_size", "threshold", "compiled"]
+    panels = sorted(df.groupby(keys).groups)
     scale = df.groupby("run_id")[value].agg(["min", "max"]).apply(tuple, axis=1)  # one colour scale per run
     fig, axes = _grid(len(panels), width=4.4, height=3.6, wrap=3)
-    for ax, (run_id, threshold, is_compiled) in zip(axes, panels):
-        cell = df[(df["run_id"] == run_id) & (df["threshold"] == threshold) & (df["compiled"] == is_compiled)]
+    for ax, panel in zip(axes, panels):
+        run_id, batch_size, threshold, is_compiled = panel
+        cell = df[(df[keys] == pd.Series(panel, index=keys)).all(axis=1)]
         table = cell.pivot_table(index="steps", columns="block_length", values=value)
         sns.heatmap(table, annot=True, fmt=".2f" if value == "accuracy" else ".3g", cmap="viridis", ax=ax, cbar=False,
                     annot_kws={"fontsize": 7}, vmin=scale[run_id][0], vmax=scale[run_id][1])
-        ax.set_title(f"{labels.get(run_id, run_id)}\nthreshold {threshold}" + (", compiled" if is_compiled else ""),
-                     fontsize=8)
+        ax.set_title(_sampler_title(labels.get(run_id, run_id), batch_size,
+                                    f"threshold {threshold}" + (", compiled" if is_compiled else "")), fontsize=8)
     fig.suptitle(f"Sampler grid: {value.replace('tokens_per_s', 'tokens/s')}", fontsize=10)
     return _save(fig, path)
 
 
 def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None = None) -> Path | None:
-    """Each sampler setting's speed-up over the run's plain sampler (x, log) against its accuracy difference, paired
-    probe by probe (y, +-1.96 paired standard errors): settings whose bar crosses 0 are equal within noise."""
+    """Each sampler setting's speed-up over the plain sampler at its batch size (x, log) against its accuracy
+    difference, paired probe by probe (y, +-1.96 paired standard errors), one panel per run and batch size:
+    settings whose bar crosses 0 are equal within noise."""
     if grid.empty or "accuracy_diff_se" not in grid:
         return None
     labels = _run_labels(runs)
-    df = _with_compiled(grid).dropna(subset=["accuracy_diff_se"])
-    run_ids = sorted(set(df["run_id"]))
+    df = _sampler_frame(grid).dropna(subset=["accuracy_diff_se"])
+    panels = sorted(df.groupby(["run_id", "batch_size"]).groups)
     thresholds = sorted(set(df["threshold"].dropna()))
     colours = dict(zip(thresholds, sns.color_palette("viridis", len(thresholds))))
-    fig, axes = _grid(len(run_ids), width=5.0, height=3.8, wrap=2)
-    for ax, run_id in zip(axes, run_ids):
-        rows = df[df["run_id"] == run_id].reset_index(drop=True)
+    fig, axes = _grid(len(panels), width=5.0, height=3.8, wrap=2)
+    for ax, (run_id, batch_size) in zip(axes, panels):
+        rows = df[(df["run_id"] == run_id) & (df["batch_size"] == batch_size)].reset_index(drop=True)
         settings = [(r.steps, r.block_length, None if pd.isna(r.threshold) else r.threshold, r.compiled)
                     for r in rows.itertuples()]
         ref = rows.iloc[reference_setting(settings)]
@@ -276,8 +287,8 @@ def sampler_tradeoff(grid: pd.DataFrame, path: Path, runs: pd.DataFrame | None =
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("speed-up over the plain sampler (tokens/s)")
         ax.set_ylabel("accuracy - plain (paired, 95%)")
-        ax.set_title(f"{labels.get(run_id, run_id)}\nfilled: compiled; grey: fixed schedule, colours: thresholds τ",
-                     fontsize=8)
+        ax.set_title(_sampler_title(labels.get(run_id, run_id), batch_size,
+                                    "filled: compiled; grey: fixed schedule, colours: thresholds τ"), fontsize=8)
     return _save(fig, path)
 
 

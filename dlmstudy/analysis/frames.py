@@ -9,8 +9,8 @@ What is read, every file optional except a finished run's result.json:
     runs/<study>/<run>/swanlog/run-*/*.swanlab    SwanLab offline log
     runs/<study>/<run>/eval/qa_samples.jsonl      probe answers
     runs/<study>/<run>/eval/**/*.json             lm_eval results (files with a "results" mapping)
-    runs/<study>/<run>/eval/sampler_grid.csv      sampler grid: steps, block_length, [threshold, compiled,] accuracy,
-                                                  tokens_per_s, [same_answers, accuracy_diff_se] (vs the plain sampler)
+    runs/<study>/<run>/eval/sampler_grid.csv      sampler grid: steps, block_length, [threshold, compiled, batch_size,]
+                                                  accuracy, tokens_per_s, [same_answers, accuracy_diff_se]
     runs/<study>/<run>/sft/<name>/                SFT of that run's checkpoint (see `read_sft`)
     runs/<study>/sft/<name>/                      SFT of a model not pretrained in this study
     runs/<study>/bench*.json, runs/<study>/bench/*.json   `dlmstudy bench --json` records

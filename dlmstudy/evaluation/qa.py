@@ -64,14 +64,21 @@ def answer_questions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     token F1 of the whole generated text (up to EOS) against the expected output.
 
     `prompt_fn` renders an item: the plain "Question: ... Answer:" form after pretraining, the chat
-    template after SFT.
+    template after SFT. Compiled settings pad every batch to the longest prompt of all items, so one compiled
+    graph serves every batch (a compile per prompt length would cost more than it saves at small batches).
     """
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
+    prompts = [prompt_fn(q) for q in items]
+    padding = {"padding": True}
+    if settings.compiled and prompts:
+        longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        padding = {"padding": "max_length", "max_length": longest}
     rows = []
     for start in range(0, len(items), settings.batch_size):
         batch = items[start:start + settings.batch_size]
-        enc = tokenizer([prompt_fn(q) for q in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts[start:start + settings.batch_size], return_tensors="pt", add_special_tokens=False,
+                        **padding)
         prompt, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if sampler == "diffusion":
             opts = dict(steps=settings.steps, gen_length=settings.gen_length, block_length=settings.block_length,

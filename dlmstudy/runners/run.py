@@ -212,12 +212,12 @@ def evaluate_run(model, run: Run, spec: StudySpec, data: StudyData, probes: list
 
 def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "diffusion") -> pd.DataFrame:
     """Accuracy and generated tokens/s on the probes for each sampler setting: every valid (steps, block_length,
-    threshold, compiled) for diffusion; AR decoding (one token per step) eager and compiled. A compiled setting is
-    run once untimed first (it compiles per shape).
+    threshold, compiled) for diffusion; AR decoding (one token per step) eager and compiled; each at every grid
+    batch size. Every setting runs once untimed first (compiled ones compile per shape; eager ones start warm too).
 
-    Each row is also compared probe by probe with the reference setting (`reference_setting`): the share of
-    answers identical to its answers, and the paired standard error of the accuracy difference, which is what
-    "equal accuracy" is judged against (it is far smaller than the two accuracies' own errors when most answers
+    Each row is also compared probe by probe with the plain sampler at its batch size (`reference_setting`): the
+    share of answers identical to its answers, and the paired standard error of the accuracy difference, which is
+    what "equal accuracy" is judged against (far smaller than the two accuracies' own errors when most answers
     agree)."""
     g = ev.sampler_grid
     if sampler == "diffusion":
@@ -226,24 +226,25 @@ def sampler_grid(model, tokenizer, probes: list[QAItem], ev, sampler: str = "dif
                 if ev.gen_length % block == 0 and steps % (ev.gen_length // block) == 0]
     else:
         grid = [(ev.gen_length, 1, None, compiled) for compiled in g.compiled]
-    rows, answers_by_setting = [], []
-    for steps, block, threshold, compiled in grid:
-        settings = DecodeSettings(steps, ev.gen_length, block, ev.batch_size, threshold, compiled)
-        if compiled:
-            answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
-        start = time.perf_counter()
-        answers = answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
-        seconds = time.perf_counter() - start
-        acc = accuracy_by_direction(answers)
-        answers_by_setting.append(answers)
-        rows.append({"steps": steps, "block_length": block, "threshold": threshold, "compiled": compiled,
-                     "accuracy": sum(a["correct"] for a in answers) / len(answers),
-                     "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"],
-                     "tokens_per_s": len(answers) * ev.gen_length / seconds})
-    if rows:
+    rows = []
+    for batch_size in (g.batch_size or [ev.batch_size]) if grid else []:
+        group, answers_by_setting = [], []
+        for steps, block, threshold, compiled in grid:
+            settings = DecodeSettings(steps, ev.gen_length, block, batch_size, threshold, compiled)
+            answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)  # untimed: warm-up
+            start = time.perf_counter()
+            answers = answer_questions(model, tokenizer, probes, sampler=sampler, settings=settings)
+            seconds = time.perf_counter() - start
+            acc = accuracy_by_direction(answers)
+            answers_by_setting.append(answers)
+            group.append({"steps": steps, "block_length": block, "threshold": threshold, "compiled": compiled,
+                          "batch_size": batch_size, "accuracy": sum(a["correct"] for a in answers) / len(answers),
+                          "accuracy_forward": acc["forward"], "accuracy_reverse": acc["reverse"],
+                          "tokens_per_s": len(answers) * ev.gen_length / seconds})
         reference = answers_by_setting[reference_setting(grid)]
-        for row, answers in zip(rows, answers_by_setting):
+        for row, answers in zip(group, answers_by_setting):
             row.update(paired_comparison(answers, reference))
+        rows += group
     return pd.DataFrame(rows)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from dlmstudy.errors import UserError
 
@@ -153,13 +153,18 @@ class LmEvalSpec(Strict):
 
 class SamplerGridSpec(Strict):
     """Sampler settings swept on the QA probes of every run (accuracy and tokens/s): each valid (steps,
-    block_length, threshold, compiled) for diffusion runs; eager and compiled decoding for AR runs."""
+    block_length, threshold, compiled) for diffusion runs; eager and compiled decoding for AR runs; each at
+    every batch size."""
 
     steps: list[int] = Field(default_factory=list)
     block_length: list[int] = Field(default_factory=list)
     threshold: list[float | None] = Field(default_factory=lambda: [None])
     compiled: list[bool] = Field(default_factory=lambda: [False],
                                  description="also time the compiled samplers (same algorithm, CUDA graphs)")
+    batch_size: list[PositiveInt] = Field(default_factory=list,
+                                          description="probes per batch to time every setting at (default: "
+                                                      "evaluation.batch_size); 1 is a chat's latency, large batches "
+                                                      "an evaluation's throughput")
 
 
 class EvaluationSpec(Strict):
@@ -177,8 +182,8 @@ class EvaluationSpec(Strict):
                                               "graphs; the same algorithm, faster on GPUs after a compile per shape)")
 
     def identity(self) -> dict:
-        """The settings that go into run ids: all but the speed-only `compiled` switches."""
-        return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled"}})
+        """The settings that go into run ids: all but the speed-only switches (`compiled`, the grid's batch sizes)."""
+        return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled", "batch_size"}})
 
 
 class SFTSpec(Strict):
