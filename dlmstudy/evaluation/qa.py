@@ -6,8 +6,8 @@ import json
 import re
 import string
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
