@@ -18,6 +18,7 @@ from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 from dlmstudy.models.checkpoints import META_FILE, load_checkpoint, save_checkpoint
 from dlmstudy.models.registry import get_arm
+from dlmstudy.training.clipping import clip_in_step
 from dlmstudy.training.lora import LoraSettings, apply_lora
 from dlmstudy.training.merge import merge_lora
 from dlmstudy.training.objectives import ARObjective, MDMObjective
@@ -206,6 +207,27 @@ def test_default_optimizer_is_fused_adamw(tmp_path):
                          tokens_per_step=1)
     assert trainer.args.optim == "adamw_torch_fused"
     assert trainer.create_optimizer().defaults["fused"] is True
+
+
+def test_clipping_inside_the_fused_step_trains_as_the_trainers_own_clipping(tmp_path, monkeypatch):
+    """The fused AdamW clips inside its step (clipping.py); unfused AdamW through the Trainer's clip_grad_norm_:
+    same losses, logged grad norms and weights."""
+    import dlmstudy.training.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "clip_in_step", lambda *a: calls.append(1) or clip_in_step(*a))
+    kw = dict(max_grad_norm=0.05, learning_rate=1e-2, adam_epsilon=1e-3)  # eps: Adam's update feels the clipping
+    fused = pretrain(tmp_path / "fused", ARObjective(), optim="adamw_torch_fused", **kw)
+    assert len(calls) == 8
+    plain = pretrain(tmp_path / "plain", ARObjective(), optim="adamw_torch", **kw)
+    free = pretrain(tmp_path / "free", ARObjective(), optim="adamw_torch_fused", **{**kw, "max_grad_norm": 0})
+    rows, ref = loss_rows(tmp_path / "fused"), loss_rows(tmp_path / "plain")
+    for r, s in zip(ref, rows):
+        for key in ("loss", "grad_norm"):
+            assert s[key] == pytest.approx(r[key], rel=1e-5), key
+    for (name, p), q, u in zip(plain.model.named_parameters(), fused.model.parameters(), free.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.allclose(u, p, rtol=1e-3) for p, u in zip(plain.model.parameters(), free.model.parameters()))
 
 
 @pytest.mark.parametrize("kind", ["ar", "mdm"])

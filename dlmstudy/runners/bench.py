@@ -45,6 +45,7 @@ from dlmstudy.runners.device import (
     resolve_device,
     synchronize,
 )
+from dlmstudy.training.clipping import clip_grad_norm
 from dlmstudy.training.registry import build_objective
 
 PARALLEL_THRESHOLD = 0.9
@@ -238,7 +239,7 @@ def bench_training(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
         with autocast(device):
             loss, _ = objective(model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(optimizer, model.parameters(), 1.0)  # as the Trainer clips (inside the fused step on cuda)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

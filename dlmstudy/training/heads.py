@@ -117,7 +117,7 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     n = hidden.shape[0]
     ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
+    dw = None
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(dtype)
         for s in range(0, n, chunk):
@@ -125,8 +125,10 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
             ce[s:e], dh_chunk, dw_chunk = step(hidden[s:e].to(dtype), w, targets[s:e], scale[s:e], need_dh, need_dw)
             if need_dh:
                 dh[s:e] = dh_chunk
-            if need_dw:
-                dw += dw_chunk
+            if need_dw:  # summed in fp32; the first chunk is converted, not added to zeros (one pass less over dW)
+                dw = dw_chunk.to(torch.float32) if dw is None else dw.add_(dw_chunk)
+    if need_dw and dw is None:
+        dw = torch.zeros_like(weight, dtype=torch.float32)
     return ce, dh, dw.to(weight.dtype) if need_dw else None
 
 

@@ -15,7 +15,10 @@ from typing import Callable
 
 import torch
 from torch.utils.data import SequentialSampler
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+
+from dlmstudy.training.clipping import clip_in_step, folds_clipping
 
 COMPLETE_MARK = "COMPLETE"
 
@@ -70,6 +73,15 @@ class DLMTrainer(Trainer):
                 self._metric_sums[k] = self._metric_sums.get(k, 0.0) + v
             self._metric_count += 1
         return (loss, None) if return_outputs else loss
+
+    def _clip_grad_norm(self, model):
+        """Clip inside the fused optimizer's step (clipping.py) where the gradients are whole on this process and
+        no GradScaler is in use; elsewhere (FSDP, DeepSpeed, fp16) as the Trainer does. Returns the norm."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        whole = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if whole and self.accelerator.scaler is None and folds_clipping(optimizer):
+            return clip_in_step(optimizer, model.parameters(), self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
     def final_model(self) -> torch.nn.Module:
         """The trained model without accelerate's mixed-precision wrapper around `forward`, so what runs next
