@@ -58,13 +58,26 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backbone", ["llada", "qwen"])
-def test_hidden_states_are_what_the_head_sees(backbone):
+def test_hidden_states_are_what_the_head_sees(backbone, causal):
     torch.manual_seed(0)
-    model = tiny(backbone).eval()
+    model = tiny(backbone, causal=causal).eval()
     ids = torch.randint(3, V, (2, 12))
     logits = output_head(model)(hidden_states(model, ids))
     assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_causal_qwen_hidden_states_skip_the_packed_sequence_check(monkeypatch):
+    """transformers' packed-sequence check reads its answer on the host (a device sync per step); a causal
+    Qwen2 decoder gets its mask mapping built, so the check never runs, and attention stays causal."""
+    import transformers.masking_utils as masking
+
+    model = tiny("qwen", causal=True).eval()
+    ids = torch.randint(3, V, (2, 12))
+    reference = model(input_ids=ids, use_cache=False).logits
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda *a, **k: pytest.fail("device sync"))
+    assert torch.allclose(output_head(model)(hidden_states(model, ids)), reference, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 8, 64])

@@ -96,3 +96,20 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
     model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_mask_argument(model: torch.nn.Module, attention_mask: torch.Tensor | None
+                            ) -> torch.Tensor | dict | None:
+    """The `attention_mask` to pass for a forward pass without a KV cache.
+
+    With no padding mask, transformers' mask builder checks the position ids for packed sequences
+    and reads the answer on the host: a device sync per forward (seen in an H200 trace of the AR step).
+    A causal Qwen2 decoder also takes its masks already built, one per layer type, so it gets the one
+    that builder would return here ({"full_attention": None}: SDPA's causal kernel, no mask tensor).
+    Every other case gets `attention_mask` unchanged (Llama's decoder takes no mask mapping).
+    """
+    config = unwrap_model(model).config
+    if (attention_mask is None and config.model_type == "qwen2" and getattr(config, "is_causal", True)
+            and set(getattr(config, "layer_types", None) or ["sliding_attention"]) == {"full_attention"}):
+        return {"full_attention": None}
+    return attention_mask

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dlmstudy.errors import UserError
-from dlmstudy.models.backbones import unwrap_model
+from dlmstudy.models.backbones import attention_mask_argument, unwrap_model
 from dlmstudy.training import ce_kernel
 from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics)
 
@@ -49,7 +49,7 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
     hook = unwrap_model(model).get_decoder().register_forward_hook(
         lambda module, args, out: captured.append(out.last_hidden_state))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+        model(input_ids=input_ids, attention_mask=attention_mask_argument(model, attention_mask), use_cache=False,
               logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
     finally:
         hook.remove()
