@@ -11,7 +11,7 @@ from dlmstudy.errors import UserError
 from dlmstudy.training import heads
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 from dlmstudy.training.heads import (FastARObjective, FastMDMObjective, compile_body, hidden_states,
-                                     linear_cross_entropy, mdm_loss_fast, output_head)
+                                     linear_cross_entropy, mdm_loss_fast, output_head, uncompile_body)
 from dlmstudy.training.lora import apply_lora
 from dlmstudy.training.objectives import IGNORE, ARObjective, MDMObjective, mask_positions, mask_tokens, mdm_loss
 
@@ -230,16 +230,29 @@ def test_bad_head_settings_are_user_errors():
 
 
 @pytest.mark.slow
-def test_compiled_body_and_head_give_the_same_loss(monkeypatch):
-    """Dynamo capture and AOT autograd of our code (aot_eager: inductor's CPU codegen alone takes minutes here)."""
+@pytest.mark.parametrize("arm", ["mdm", "ar"])
+def test_compiled_body_and_head_give_the_same_loss(monkeypatch, arm):
+    """Dynamo capture and AOT autograd of our code (aot_eager: inductor's CPU codegen alone takes minutes here):
+    a bidirectional decoder compiled layer by layer, a causal one whole; `uncompile_body` makes it eager again."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     heads._compiled_step.cache_clear()
     torch.manual_seed(0)
-    model = tiny()
+    model = tiny("qwen", causal=True) if arm == "ar" else tiny()
     b = batch()
-    plain = loss_and_grads(model, lambda: MDMObjective(mask_id=MASK)(model, b)[0])
+    plain_obj = ARObjective() if arm == "ar" else MDMObjective(mask_id=MASK)
+    fast_obj = (FastARObjective(chunk=16, compiled=True) if arm == "ar"
+                else FastMDMObjective(mask_id=MASK, chunk=16, compiled=True))
+    plain = loss_and_grads(model, lambda: plain_obj(model, b)[0])
     compile_body(model)
-    fast = loss_and_grads(model, lambda: FastMDMObjective(mask_id=MASK, chunk=16, compiled=True)(model, b)[0])
+    fast = loss_and_grads(model, lambda: fast_obj(model, b)[0])
     heads._compiled_step.cache_clear()
     assert_same(fast, plain)
-    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    decoder = model.model
+    if arm == "ar":
+        assert "forward" in decoder.__dict__ and all(layer._compiled_call_impl is None for layer in decoder.layers)
+    else:
+        assert "forward" not in decoder.__dict__
+        assert all(layer._compiled_call_impl is not None for layer in decoder.layers)
+    uncompile_body(model)
+    assert "forward" not in decoder.__dict__ and all(layer._compiled_call_impl is None for layer in decoder.layers)
+    assert_same(loss_and_grads(model, lambda: fast_obj(model, b)[0]), plain)

@@ -19,6 +19,7 @@ from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, bu
 from dlmstudy.models.checkpoints import META_FILE, load_checkpoint, save_checkpoint
 from dlmstudy.models.registry import get_arm
 from dlmstudy.training.clipping import clip_in_step
+from dlmstudy.training.heads import compile_body
 from dlmstudy.training.lora import LoraSettings, apply_lora
 from dlmstudy.training.merge import merge_lora
 from dlmstudy.training.objectives import ARObjective, MDMObjective
@@ -260,10 +261,14 @@ def test_cuda_graphed_training_marks_each_step_and_validation(tmp_path, monkeypa
     assert len(marks) == (steps + validations if graphs else 0)
 
 
-def test_the_trained_model_computes_in_its_own_dtype_after_mixed_precision_training(tmp_path):
-    """bf16 training wraps model.forward in autocast; what the study evaluates must compute as the reloaded
-    checkpoint does (fp32 weights, fp32 compute)."""
+def test_the_trained_model_computes_in_its_own_dtype_after_mixed_precision_training(tmp_path, monkeypatch):
+    """bf16 training wraps model.forward in autocast, and `training.compile` compiles the decoder; what the study
+    evaluates must compute as the reloaded checkpoint does (fp32 weights, fp32 compute, eager)."""
     trainer = pretrain(tmp_path, ARObjective(), n=8, epochs=1, bf16=True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # compile_body's bookkeeping without compiling
+    decoder = trainer.model.get_decoder()
+    compile_body(trainer.model)
+    assert "forward" in decoder.__dict__
     x = torch.randint(3, TOKENS.vocab_size, (2, 8))
     reloaded = tiny_model("ar")
     reloaded.load_state_dict(trainer.model.state_dict())
@@ -271,6 +276,7 @@ def test_the_trained_model_computes_in_its_own_dtype_after_mixed_precision_train
         expected = reloaded(x).logits
         assert not torch.equal(trainer.model(x).logits, expected)  # the wrapper computes in bf16
         assert torch.equal(trainer.final_model()(x).logits, expected)
+    assert "forward" not in decoder.__dict__
 
 
 def test_the_objective_gets_each_batchs_index_on_the_host(tmp_path):

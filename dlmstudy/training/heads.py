@@ -324,15 +324,31 @@ class FastARObjective(FastHead, ARObjective):
 
 
 def compile_body(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.nn.Module:
-    """torch.compile each decoder layer in place (the head and the loss stay eager); returns the model.
+    """torch.compile the decoder in place (the head and the loss stay eager); returns the model.
 
-    In place (`Module.compile`), so parameter names and checkpoints are unchanged; the layers share code,
-    so one graph serves them all. cuda_graphs: compile mode "reduce-overhead", which replays each layer's
-    kernels as a CUDA graph (a training loop then calls `torch.compiler.cudagraph_mark_step_begin()` before
-    each step; `DLMTrainer(cuda_graphs=True)` does). One graph per layer: a whole-decoder graph was no faster for
-    AR and slower for diffusion on an H200 (docs/benchmarks.md, fifth session).
+    In place, so parameter names and checkpoints are unchanged. A causal decoder is compiled whole (one
+    graph per pass); a bidirectional one layer by layer (`Module.compile`: the layers share code, so one
+    graph serves them all). Measured on an H200 at the seed's 100M shapes with CUDA graphs
+    (docs/benchmarks.md, sixth session): AR 819k tokens/s whole vs 801k per layer; diffusion 672-681k
+    whole vs 972-986k per layer. cuda_graphs: compile mode "reduce-overhead", which replays the
+    compiled kernels as CUDA graphs (a training loop then calls `torch.compiler.cudagraph_mark_step_begin()`
+    before each step; `DLMTrainer(cuda_graphs=True)` does). `uncompile_body` undoes it.
     """
-    for layer in unwrap_model(model).get_decoder().layers:
-        layer.compile(mode="reduce-overhead" if cuda_graphs else None)
+    decoder = unwrap_model(model).get_decoder()
+    mode = "reduce-overhead" if cuda_graphs else None
+    if getattr(decoder.config, "is_causal", True):
+        decoder.forward = torch.compile(decoder.forward, mode=mode)
+    else:
+        for layer in decoder.layers:
+            layer.compile(mode=mode)
     return model
 
+
+def uncompile_body(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `compile_body`: the decoder runs eagerly again (what runs after training, evaluation and sampling,
+    then computes as a reloaded checkpoint does and compiles only where its own settings say)."""
+    decoder = unwrap_model(model).get_decoder()
+    decoder.__dict__.pop("forward", None)
+    for layer in decoder.layers:
+        layer._compiled_call_impl = None  # what Module.compile set
+    return model

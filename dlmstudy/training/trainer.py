@@ -19,6 +19,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from dlmstudy.training.clipping import clip_in_step, folds_clipping
+from dlmstudy.training.heads import uncompile_body
 
 COMPLETE_MARK = "COMPLETE"
 
@@ -84,11 +85,12 @@ class DLMTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def final_model(self) -> torch.nn.Module:
-        """The trained model without accelerate's mixed-precision wrapper around `forward`, so what runs next
-        (evaluation, sampling) computes in the model's own dtype, as a reloaded checkpoint does. Under the
-        wrapper an AR model's prefill wrote fp32 keys into a static KV cache that compiled decoding then fed
-        bf16 keys (seen on the H200)."""
-        return self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        """The trained model without accelerate's mixed-precision wrapper around `forward` and without the
+        training compilation (`compile_body`), so what runs next (evaluation, sampling) computes in the model's
+        own dtype, eagerly unless its own settings compile, as a reloaded checkpoint does. Under the wrapper an
+        AR model's prefill wrote fp32 keys into a static KV cache that compiled decoding then fed bf16 keys
+        (seen on the H200)."""
+        return uncompile_body(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save as the Trainer does, then wait for every process, so `on_save` (the completion mark) comes last."""
