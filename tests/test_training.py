@@ -217,7 +217,7 @@ def test_clipping_inside_the_fused_step_trains_as_the_trainers_own_clipping(tmp_
 
     calls = []
     monkeypatch.setattr(trainer_module, "clip_in_step", lambda *a: calls.append(1) or clip_in_step(*a))
-    kw = dict(max_grad_norm=0.05, learning_rate=1e-2, adam_epsilon=1e-3)  # eps: Adam's update feels the clipping
+    kw = {"max_grad_norm": 0.05, "learning_rate": 1e-2, "adam_epsilon": 1e-3}  # eps: Adam's update feels the clipping
     fused = pretrain(tmp_path / "fused", ARObjective(), optim="adamw_torch_fused", **kw)
     assert len(calls) == 8
     plain = pretrain(tmp_path / "plain", ARObjective(), optim="adamw_torch", **kw)

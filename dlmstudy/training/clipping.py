@@ -10,7 +10,7 @@ as `clip_grad_norm_` computes it; only the multiplication moves into the step.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import SequentialSampler
 from accelerate.utils import DistributedType
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from dlmstudy.training.clipping import clip_in_step, folds_clipping
@@ -79,7 +79,8 @@ class DLMTrainer(Trainer):
         """Clip inside the fused optimizer's step (clipping.py) where the gradients are whole on this process and
         no GradScaler is in use; elsewhere (FSDP, DeepSpeed, fp16) as the Trainer does. Returns the norm."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
-        whole = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        whole = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                      DistributedType.MULTI_CPU)
         if whole and self.accelerator.scaler is None and folds_clipping(optimizer):
             return clip_in_step(optimizer, model.parameters(), self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
