@@ -68,16 +68,38 @@ def test_hidden_states_are_what_the_head_sees(backbone, causal):
     assert torch.allclose(logits, model(input_ids=ids).logits, atol=1e-6)
 
 
-def test_causal_qwen_hidden_states_skip_the_packed_sequence_check(monkeypatch):
-    """transformers' packed-sequence check reads its answer on the host (a device sync per step); a causal
-    Qwen2 decoder gets its mask mapping built, so the check never runs, and attention stays causal."""
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backbone", ["llada", "qwen"])
+def test_hidden_states_build_no_attention_mask_without_padding(monkeypatch, backbone, causal):
+    """transformers' mask builders check the position ids for packed sequences on the host (a device sync per
+    step) and build a mask tensor while compiling (before torch 2.14 always, as if exporting): without a padding
+    mask none of them runs, attention keeps its direction, and the model's attention implementation is restored."""
     import transformers.masking_utils as masking
 
-    model = tiny("qwen", causal=True).eval()
+    model = tiny(backbone, causal=causal).eval()
     ids = torch.randint(3, V, (2, 12))
     reference = model(input_ids=ids, use_cache=False).logits
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", lambda: True)
+    monkeypatch.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                        lambda *a, **k: pytest.fail("mask built"))
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda *a, **k: pytest.fail("device sync"))
     assert torch.allclose(output_head(model)(hidden_states(model, ids)), reference, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hidden_states_honour_a_padding_mask(causal):
+    """With a padding mask the mask is built as usual: padded keys are ignored (dropping it would change them)."""
+    torch.manual_seed(0)
+    model = tiny("qwen", causal=causal).eval()
+    ids = torch.randint(3, V, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: the causal rows see it too
+    expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    ours = output_head(model)(hidden_states(model, ids, mask))
+    assert torch.allclose(ours[0, 4:], expected[0, 4:], atol=1e-6) and torch.allclose(ours[1], expected[1], atol=1e-6)
+    unpadded = output_head(model)(hidden_states(model, ids))
+    assert not torch.allclose(ours[0, 4:], unpadded[0, 4:], atol=1e-3)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 8, 64])
@@ -233,7 +255,7 @@ def test_bad_head_settings_are_user_errors():
 @pytest.mark.parametrize("arm", ["mdm", "ar"])
 def test_compiled_body_and_head_give_the_same_loss(monkeypatch, arm):
     """Dynamo capture and AOT autograd of our code (aot_eager: inductor's CPU codegen alone takes minutes here):
-    a bidirectional decoder compiled layer by layer, a causal one whole; `uncompile_body` makes it eager again."""
+    the decoder compiled whole in either direction; `uncompile_body` makes it eager again."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     heads._compiled_step.cache_clear()
     torch.manual_seed(0)
@@ -248,11 +270,35 @@ def test_compiled_body_and_head_give_the_same_loss(monkeypatch, arm):
     heads._compiled_step.cache_clear()
     assert_same(fast, plain)
     decoder = model.model
-    if arm == "ar":
-        assert "forward" in decoder.__dict__ and all(layer._compiled_call_impl is None for layer in decoder.layers)
-    else:
-        assert "forward" not in decoder.__dict__
-        assert all(layer._compiled_call_impl is not None for layer in decoder.layers)
+    assert "forward" in decoder.__dict__
     uncompile_body(model)
-    assert "forward" not in decoder.__dict__ and all(layer._compiled_call_impl is None for layer in decoder.layers)
+    assert "forward" not in decoder.__dict__
     assert_same(loss_and_grads(model, lambda: fast_obj(model, b)[0]), plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", [MDMObjective, FastMDMObjective])
+def test_batches_cut_to_a_random_length_do_not_recompile_the_decoder(objective):
+    """LLaDA cuts 1% of pretraining batches to a random length; each would compile the whole decoder again (30 s
+    on an H200), so those forward passes run eagerly and the compiled graph stays the training shape's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny()
+    decoder = model.model
+    decoder.forward = torch.compile(decoder.forward, backend=backend)  # what compile_body does, counting graphs
+    ids = torch.randint(3, V, (2, 16))
+    objective(mask_id=MASK, random_length_ratio=0.0)(model, {"input_ids": ids, "index": [0, 1]})[0].backward()
+    compiled = len(graphs)
+    cut = objective(mask_id=MASK, random_length_ratio=1.0)
+    assert cut.corrupt({"input_ids": ids, "index": [0, 1]}).cut
+    loss, _ = cut(model, {"input_ids": ids, "index": [0, 1]})
+    loss.backward()
+    assert compiled >= 1 and len(graphs) == compiled
+    objective(mask_id=MASK, random_length_ratio=0.0)(model, {"input_ids": ids, "index": [2, 3]})[0].backward()
+    assert len(graphs) == compiled
+    torch._dynamo.reset()

@@ -6,10 +6,14 @@ AR arms causal. Both use SDPA attention. The mask token id lives in the config a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import (AttentionInterface, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel,
+                          Qwen2Config)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dlmstudy.errors import UserError
 
@@ -98,18 +102,29 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def attention_mask_argument(model: torch.nn.Module, attention_mask: torch.Tensor | None
-                            ) -> torch.Tensor | dict | None:
-    """The `attention_mask` to pass for a forward pass without a KV cache.
+# The same SDPA function under a name transformers' mask builders do not know: for it they build no mask.
+UNMASKED_SDPA = "sdpa_unmasked"
+AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)
 
-    With no padding mask, transformers' mask builder checks the position ids for packed sequences
-    and reads the answer on the host: a device sync per forward (seen in an H200 trace of the AR step).
-    A causal Qwen2 decoder also takes its masks already built, one per layer type, so it gets the one
-    that builder would return here ({"full_attention": None}: SDPA's causal kernel, no mask tensor).
-    Every other case gets `attention_mask` unchanged (Llama's decoder takes no mask mapping).
+
+@contextlib.contextmanager
+def unmasked_attention(model: torch.nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """Within: a forward pass without a KV cache builds no attention mask when there is nothing to mask.
+
+    With no padding mask transformers' mask builders still check the position ids for packed sequences,
+    a Python `if` on a device tensor (a device sync per forward, seen in an H200 trace), and under
+    torch.compile they build a full mask tensor, which costs SDPA its fused kernels. For an attention
+    implementation they do not know they return None at once, and SDPA takes `is_causal` from the config:
+    so the model's SDPA runs under another name here. Only for unpadded rows in full-attention layers
+    (sliding windows need their masks); every other case runs unchanged.
     """
     config = unwrap_model(model).config
-    if (attention_mask is None and config.model_type == "qwen2" and getattr(config, "is_causal", True)
-            and set(getattr(config, "layer_types", None) or ["sliding_attention"]) == {"full_attention"}):
-        return {"full_attention": None}
-    return attention_mask
+    if (attention_mask is not None or config._attn_implementation != "sdpa"
+            or set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}):
+        yield
+        return
+    config._attn_implementation = UNMASKED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"

@@ -127,9 +127,9 @@ class TrainingSpec(Strict):
                             "linear+cross-entropy (docs/performance.md): the plain path's losses within bf16 noise, "
                             "3-4x less memory, at least as fast in every bench; false: the plain head")
     head_chunk: int = Field(2048, ge=0)
-    compile: bool = Field(False, description="torch.compile the decoder for training, whole for causal arms and layer "
-                          "by layer for bidirectional ones (with the fast head; off CUDA also the head's chunk step, "
-                          "which CUDA runs as a Triton kernel); costs compile time per run; evaluation runs eagerly")
+    compile: bool = Field(False, description="torch.compile the decoder for training, one graph for the whole decoder "
+                          "(with the fast head; off CUDA also the head's chunk step, which CUDA runs as a Triton "
+                          "kernel); costs compile time per run; evaluation after training runs eagerly")
     cuda_graphs: bool = Field(False, description="with compile, on CUDA: replay the compiled decoder as CUDA graphs "
                               "(compile mode reduce-overhead), so the host launches less per step")
     arguments: dict[str, Any] = Field(default_factory=dict)

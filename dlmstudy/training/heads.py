@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from dlmstudy.errors import UserError
-from dlmstudy.models.backbones import attention_mask_argument, unwrap_model
+from dlmstudy.models.backbones import unmasked_attention, unwrap_model
 from dlmstudy.training import ce_kernel
-from dlmstudy.training.objectives import (IGNORE, ARObjective, MDMObjective, Metrics)
+from dlmstudy.training.objectives import IGNORE, ARObjective, MDMObjective, Metrics, forward_context
 
 BACKENDS = ("chunked", "liger", "cce")
 KERNELS = ("auto", "triton", "torch")
@@ -49,8 +49,9 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor,
     hook = unwrap_model(model).get_decoder().register_forward_hook(
         lambda module, args, out: captured.append(out.last_hidden_state))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask_argument(model, attention_mask), use_cache=False,
-              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+        with unmasked_attention(model, attention_mask):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                  logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
     finally:
         hook.remove()
     return captured[0]
@@ -298,13 +299,14 @@ class FastMDMObjective(FastHead, MDMObjective):
     """MDMObjective with the head only at masked positions, through `linear_cross_entropy` (same loss)."""
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        input_ids, noisy, masked, p_mask, loss_mask, rows = self.corrupt(batch)
+        input_ids, noisy, masked, p_mask, loss_mask, rows, cut = self.corrupt(batch)
         head = dict(chunk=self.chunk, backend=self.backend, compiled=self.compiled, kernel=self.kernel, rows=rows)
-        if loss_mask is None:
-            loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, **head)
-        else:
-            loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, norm=self.sft_norm,
-                                 answer_len=loss_mask.sum(1), **head)
+        with forward_context(cut):
+            if loss_mask is None:
+                loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, **head)
+            else:
+                loss = mdm_loss_fast(model, input_ids, noisy, masked, p_mask, norm=self.sft_norm,
+                                     answer_len=loss_mask.sum(1), **head)
         maskable = loss_mask.sum().clamp(min=1) if loss_mask is not None else input_ids.numel()
         return loss, {"masked_fraction": (masked.sum() / maskable).detach()}
 
@@ -324,31 +326,24 @@ class FastARObjective(FastHead, ARObjective):
 
 
 def compile_body(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.nn.Module:
-    """torch.compile the decoder in place (the head and the loss stay eager); returns the model.
+    """torch.compile the decoder in place, whole (the head and the loss stay eager); returns the model.
 
-    In place, so parameter names and checkpoints are unchanged. A causal decoder is compiled whole (one
-    graph per pass); a bidirectional one layer by layer (`Module.compile`: the layers share code, so one
-    graph serves them all). Measured on an H200 at the seed's 100M shapes with CUDA graphs
-    (docs/benchmarks.md, sixth session): AR 819k tokens/s whole vs 801k per layer; diffusion 672-681k
-    whole vs 972-986k per layer. cuda_graphs: compile mode "reduce-overhead", which replays the
-    compiled kernels as CUDA graphs (a training loop then calls `torch.compiler.cudagraph_mark_step_begin()`
-    before each step; `DLMTrainer(cuda_graphs=True)` does). `uncompile_body` undoes it.
+    In place, so parameter names and checkpoints are unchanged. One graph per pass: with no mask built
+    inside it (`unmasked_attention`) SDPA keeps its fused kernels in both directions. Measured on an H200
+    at the seed's 100M shapes with CUDA graphs (docs/benchmarks.md): AR 819k tokens/s whole vs 801k per
+    layer (sixth session); diffusion 1.04-1.10M whole vs 0.83-1.00M per layer (seventh). Batches of a shape
+    seen once (LLaDA's random-length cuts) run eagerly instead of recompiling it (`forward_context`).
+    cuda_graphs: compile mode "reduce-overhead", which replays the compiled kernels as CUDA graphs (a
+    training loop then calls `torch.compiler.cudagraph_mark_step_begin()` before each step;
+    `DLMTrainer(cuda_graphs=True)` does). `uncompile_body` undoes it.
     """
     decoder = unwrap_model(model).get_decoder()
-    mode = "reduce-overhead" if cuda_graphs else None
-    if getattr(decoder.config, "is_causal", True):
-        decoder.forward = torch.compile(decoder.forward, mode=mode)
-    else:
-        for layer in decoder.layers:
-            layer.compile(mode=mode)
+    decoder.forward = torch.compile(decoder.forward, mode="reduce-overhead" if cuda_graphs else None)
     return model
 
 
 def uncompile_body(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `compile_body`: the decoder runs eagerly again (what runs after training, evaluation and sampling,
     then computes as a reloaded checkpoint does and compiles only where its own settings say)."""
-    decoder = unwrap_model(model).get_decoder()
-    decoder.__dict__.pop("forward", None)
-    for layer in decoder.layers:
-        layer._compiled_call_impl = None  # what Module.compile set
+    unwrap_model(model).get_decoder().__dict__.pop("forward", None)
     return model

@@ -20,6 +20,7 @@ no device sync (heads.py).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -123,7 +124,8 @@ def batch_generator(batch: dict[str, torch.Tensor], seed: int) -> torch.Generato
 
 
 class Corrupted(NamedTuple):
-    """A noised MDM batch: rows are the flat indices of the masked positions when known without a device sync."""
+    """A noised MDM batch: rows are the flat indices of the masked positions when known without a device sync;
+    cut: the batch was cut to a random length (its forward runs eagerly: `forward_context`)."""
 
     input_ids: torch.Tensor
     noisy: torch.Tensor
@@ -131,6 +133,14 @@ class Corrupted(NamedTuple):
     p_mask: torch.Tensor
     loss_mask: torch.Tensor | None
     rows: torch.Tensor | None
+    cut: bool = False
+
+
+def forward_context(cut: bool) -> contextlib.AbstractContextManager:
+    """Where a batch of a shape seen once runs: a batch cut to a random length runs eagerly, so a compiled
+    decoder keeps the one graph of the training shape (recompiling the whole decoder for each cut
+    batch stalled an H200 run for 30 s); every other batch runs as the model is set up."""
+    return torch.compiler.set_stance("force_eager") if cut else contextlib.nullcontext()
 
 
 @dataclass
@@ -160,11 +170,12 @@ class MDMObjective:
         input_ids = batch["input_ids"]
         loss_mask = batch.get("loss_mask")
         t, u = sequence_noise(batch, self.seed)
+        cut = False
         if loss_mask is None and self.random_length_ratio > 0:
             g = batch_generator(batch, self.seed)
             if torch.rand((), generator=g) < self.random_length_ratio:
                 length = int(torch.randint(1, input_ids.shape[1] + 1, (), generator=g))
-                input_ids, u = input_ids[:, :length], u[:, :length]
+                input_ids, u, cut = input_ids[:, :length], u[:, :length], True
         masked, p_mask = mask_positions(t, u, eps=self.eps)
         rows = masked.flatten().nonzero().squeeze(1) if loss_mask is None else None
         device = input_ids.device
@@ -172,11 +183,13 @@ class MDMObjective:
         if loss_mask is not None:
             masked = masked & loss_mask.bool()
         noisy = mask_tokens(input_ids, masked, self.mask_id)
-        return Corrupted(input_ids, noisy, masked, p_mask, loss_mask, None if rows is None else upload(rows, device))
+        return Corrupted(input_ids, noisy, masked, p_mask, loss_mask, None if rows is None else upload(rows, device),
+                         cut)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
-        input_ids, noisy, masked, p_mask, loss_mask, _ = self.corrupt(batch)
-        logits = model(input_ids=noisy).logits
+        input_ids, noisy, masked, p_mask, loss_mask, _, cut = self.corrupt(batch)
+        with forward_context(cut):
+            logits = model(input_ids=noisy).logits
         if loss_mask is None:
             loss = mdm_loss(logits, input_ids, masked, p_mask)
         else:
