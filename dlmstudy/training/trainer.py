@@ -55,7 +55,7 @@ class DLMTrainer(Trainer):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def _mark_step(self) -> None:
-        """With CUDA-graphed layers (`compile_body(..., cuda_graphs=True)`): the last step's graph outputs are
+        """With a CUDA-graphed decoder (`compile_body(..., cuda_graphs=True)`): the last step's graph outputs are
         consumed, so the graphs may overwrite them."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
