@@ -1,4 +1,4 @@
-"""The claims table: what a study's runs say about the data-constrained claims in REFERENCES.md.
+"""The claims table: what a study's runs say about the data-constrained claims of the two papers below.
 
 Claims (Muennighoff et al. 2023; Prabhudesai et al. 2025):
   (a) AR can use ≈ 4 epochs of repeated data, diffusion ≈ 100;

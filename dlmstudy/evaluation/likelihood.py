@@ -1,6 +1,6 @@
 """Likelihoods for both arms: LLaDA's Monte-Carlo bound for masked diffusion, exact NLL for AR.
 
-Diffusion (LLaDA / dllm eval, see REFERENCES.md "Likelihood of a diffusion model"):
+Diffusion (the bound of "Large Language Diffusion Models", as LLaDA's and dllm's evaluations estimate it):
 
     log p(y | c) >= E_l E_{|M|=l} [ (L/l) · Σ_{i∈M} log p(y_i | c, y masked at M) ],   l ~ U{1..L}
 

@@ -3,8 +3,8 @@
 Training: forward + backward + optimizer step of the arm's own objective (bf16 autocast on
 accelerators, fused AdamW on cuda, gradient clipping at 1.0 as the Trainer does) on random tokens;
 the step time is the mean of the timed steps after warm-up, run back to back with one device sync
-at the end (as a training loop runs: the host may queue work ahead of the device). MFU as in
-REFERENCES.md:
+at the end (as a training loop runs: the host may queue work ahead of the device). MFU counts
+every matmul and the attention scores and values:
 
     MFU = tokens/s x (6 N_matmul + 12 n_layers d L) / peak FLOP/s
 
@@ -53,7 +53,7 @@ MEASUREMENTS = ("train", "sample")
 
 # bf16 dense peaks (FLOP/s), matched by a substring of the device name; first match wins.
 PEAK_FLOPS: list[tuple[str, float, str]] = [
-    ("H200", 788e12, "measured bf16 matmul peak of one H200 (REFERENCES.md; datasheet 989e12)"),
+    ("H200", 788e12, "measured bf16 matmul peak of one H200 (datasheet 989e12)"),
     ("H100 PCIe", 756e12, "NVIDIA H100 PCIe datasheet, bf16 dense"),
     ("H100 NVL", 835e12, "NVIDIA H100 NVL datasheet, bf16 dense"),
     ("H100", 989e12, "NVIDIA H100 SXM datasheet, bf16 dense"),
@@ -90,10 +90,10 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     "tiny": BenchConfig("tiny", ModelSize(hidden_size=32, num_layers=2, num_heads=4), vocab_size=64, seq_len=32,
                         batch_size=4, sample_batch=2, prompt_len=8, gen_length=8, sample_steps=(8, 2),
                         block_lengths=(8, 2)),
-    # REFERENCES.md planning shape: 3.0M non-embedding parameters, vocab 32,768, seq 512, batch 64
+    # a small study model: 3.2M non-embedding parameters, vocab 32,768, seq 512, batch 64
     "small": BenchConfig("small", ModelSize(hidden_size=256, num_layers=4, num_heads=4), vocab_size=32768,
                          seq_len=512, batch_size=64),
-    # the seed's LLaDA 100M (seed/configs/llada-100M.config.json) at the tutorial's sequence length
+    # the LLaDA training tutorial's 100M config (llada-100M.config.json) at the tutorial's sequence length
     "seed-100m": BenchConfig("seed-100m", ModelSize(hidden_size=448, num_layers=6, num_heads=7, intermediate_size=768),
                              vocab_size=126464, seq_len=1024, batch_size=16, mask_token_id=126336),
 }

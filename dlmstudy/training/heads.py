@@ -331,7 +331,7 @@ def compile_body(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.
     In place, so parameter names and checkpoints are unchanged. One graph per pass: with no mask built
     inside it (`unmasked_attention`) SDPA keeps its fused kernels in both directions. Measured on an H200
     at the seed's 100M shapes with CUDA graphs (docs/benchmarks.md): AR 819k tokens/s whole vs 801k per
-    layer (sixth session); diffusion 1.04-1.10M whole vs 0.83-1.00M per layer (seventh). Batches of a shape
+    layer; diffusion 1.04-1.10M whole vs 0.83-1.00M per layer. Batches of a shape
     seen once (LLaDA's random-length cuts) run eagerly instead of recompiling it (`forward_context`).
     cuda_graphs: compile mode "reduce-overhead", which replays the compiled kernels as CUDA graphs (a
     training loop then calls `torch.compiler.cudagraph_mark_step_begin()` before each step;

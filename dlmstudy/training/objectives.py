@@ -1,4 +1,4 @@
-"""Training objectives, one per arm kind, shared by pretraining and SFT (REFERENCES.md has the formulas).
+"""Training objectives, one per arm kind, shared by pretraining and SFT (formulas below).
 
 LLaDA masked diffusion (Nie et al. 2025):
     t ~ U(0,1) per sequence, p = (1 - eps) t + eps, each token masked independently with prob. p,
