@@ -26,5 +26,6 @@ test: venv
 bench: venv
 	$(BIN)/dlmstudy bench --device cpu --config tiny
 
+# The built-in study's runs and report; the committed studies under runs/ and reports/ stay.
 clean:
-	rm -rf runs reports/smoke
+	rm -rf runs/smoke reports/smoke
