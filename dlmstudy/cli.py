@@ -81,16 +81,22 @@ def run_scheduled(a: argparse.Namespace, spec) -> None:
             raise UserError(f"--devices {a.devices}: give device numbers, e.g. 0,1") from None
         backend = LocalBackend(spec, device=resolve_device(a.device or spec.device), workers=a.workers,
                                runs_per_device=a.runs_per_device, devices=devices)
-    outcome = execute_study(spec, backend, only=a.only, max_minutes=a.max_minutes)
+    try:
+        outcome = execute_study(spec, backend, only=a.only, max_minutes=a.max_minutes)
+    except KeyboardInterrupt:
+        print("dlmstudy: interrupted; " + ("the Slurm jobs go on: run the same command again to follow them"
+              if a.slurm else "each run resumes from its last complete checkpoint next time"), file=sys.stderr)
+        raise SystemExit(130) from None
     if outcome.finished:
         out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
         print(f"report: {out} (and report.html beside it)")
+    if outcome.interrupted:
+        print("dlmstudy: stopped on a signal; the runs in flight saved a checkpoint; run again to resume",
+              file=sys.stderr)
+        raise SystemExit(143)
     if outcome.failed:
         print(f"dlmstudy: {len(outcome.failed)} run(s) failed (their logs are named above; dlmstudy status "
               f"{a.spec or default_spec()}); run again to retry them", file=sys.stderr)
-    if outcome.interrupted:
-        raise SystemExit(143)
-    if outcome.failed:
         raise SystemExit(1)
 
 

@@ -123,7 +123,8 @@ def test_slurm_jobs_requeue_after_timeout_and_preemption_and_resume(tmp_path, mo
         study = tmp_path / "runs" / "par"
         for how in ("timeout", "preemption"):
             while True:
-                found = [p.parents[2] for p in study.glob("*/checkpoints/*/COMPLETE") if p.parents[2] not in interrupted]
+                found = [p.parents[2] for p in study.glob("*/checkpoints/*/COMPLETE")
+                         if p.parents[2] not in interrupted]
                 if found:
                     break
                 time.sleep(0.05)
@@ -178,10 +179,15 @@ def test_status_names_every_state(tmp_path, monkeypatch, capsys):
     assert rows[sft_runs[0].run_id][3] == "waiting"
     assert "1 done, 1 diverged, 1 running, 1 queued, 1 waiting (of 5 runs)" in table
 
+    backend = SlurmBackend(spec, ClusterSpec())  # a second `run --slurm` follows the live jobs, submits the rest
+    assert backend.attach(queued).job_id == "7_0" and backend.attach(running).job_id == "7_1"
+    assert backend.attach(done) is None and backend.attach(sft_runs[0]) is None
+
     (tmp_path / "slurm" / "7_0.json").write_text(json.dumps({"state": "FAILED"}))
     assert main(["status", str(spec_path), "--json"]) == 0
     states = {r["run_id"]: r["state"] for r in json.loads(capsys.readouterr().out)}
     assert states[queued.run_id] == "failed"
+    assert backend.attach(queued) is None
 
 
 def test_devices_hold_k_runs_each_and_n_in_all():

@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
+
 import submitit
 
 from dlmstudy.errors import UserError
 from dlmstudy.runners.job import RunJob, read_job_record, update_job_record
 from dlmstudy.runners.progress import StudyProgress
 from dlmstudy.runners.queue import is_done, read_result, result_line, select, study_runs, waited_for
+from dlmstudy.runners.run import Interrupted, default_arguments, optimizer_steps
 from dlmstudy.runners.study import prepare_data, study_dir, write_study_index
 from dlmstudy.study.estimate import format_duration
 from dlmstudy.study.spec import ClusterSpec, StudySpec
 
 # Runs sharing one device by default, by non-embedding parameters: up to 12M 4 runs, up to 120M 2, larger 1.
-# PROVISIONAL, NOT MEASURED: to be set from the H200 concurrency measurement (benchmarks/concurrency.py).
+# PROVISIONAL, NOT MEASURED: to be set from the H200 concurrency measurement (python -m
+# dlmstudy.runners.concurrency, docs/benchmarks.md).
 RUNS_PER_DEVICE = ((12_000_000, 4), (120_000_000, 2))
 VISIBLE = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # the local executor's time limit: none, in effect
@@ -244,6 +248,16 @@ class StudyOutcome:
     interrupted: bool = False
 
 
+def training_tokens(run) -> int:
+    """The tokens a pretraining run trains on: its budget, or `max_steps` steps of it; 0 for other stages."""
+    if run.stage != "pretrain":
+        return 0
+    L = run.config["max_length"]
+    arguments = default_arguments(run.config, run.total_tokens // L, "cpu")
+    return min(run.total_tokens, optimizer_steps(arguments, run.total_tokens // L)
+               * arguments["per_device_train_batch_size"] * arguments["gradient_accumulation_steps"] * L)
+
+
 def error_line(error: BaseException) -> str:
     """The last line of a job's error: its exception, e.g. 'IsADirectoryError: [Errno 21] ...'."""
     text = str(error)
@@ -267,7 +281,7 @@ def execute_study(spec: StudySpec, backend, *, only: list[str] | None = None, ma
     pretrain = [r for r in chosen if r.stage == "pretrain"]
     estimates = estimate_runs(spec, pretrain, load_bench(SHIPPED_BENCH) if SHIPPED_BENCH.exists() else [])
     seconds = {r.run_id: e.total_seconds for r, e in zip(pretrain, estimates)}
-    study = StudyProgress(tokens={r.run_id: getattr(r, "total_tokens", 0) for r in chosen},
+    study = StudyProgress(tokens={r.run_id: training_tokens(r) for r in chosen},
                           estimates={r.run_id: seconds.get(r.run_id) for r in chosen})
     outcome = StudyOutcome()
     pending = []
@@ -310,7 +324,8 @@ def execute_study(spec: StudySpec, backend, *, only: list[str] | None = None, ma
                         update_job_record(run.dir, executor=backend.name, job_id=str(job.job_id),
                                           folder=str(job.paths.folder), log=str(job.paths.stdout),
                                           errors=str(job.paths.stderr),
-                                          submitted_at=time.time(), where=backend.where(placement), state=None)
+                                          submitted_at=time.time(), where=backend.where(placement), state=None,
+                                          submitted_from=socket.gethostname())
                         progress(f"{run.run_id}: submitted to {backend.where(placement)} as job {job.job_id}")
             if not flights:
                 break
@@ -353,6 +368,11 @@ def _collect(flight: InFlight, backend, study: StudyProgress, outcome: StudyOutc
         update_job_record(run.dir, state="skipped", ended_at=now)
         outcome.not_started.append(run.run_id)
         progress(f"{run.run_id}: {returned['message'] or returned['action']}, skipped")
+        return
+    if error.startswith(f"{Interrupted.__module__}.{Interrupted.__name__}:"):  # stopped on a signal, checkpoint saved
+        update_job_record(run.dir, state="stopped", ended_at=now)
+        outcome.not_started.append(run.run_id)
+        progress(f"{run.run_id}: stopped on a signal with a checkpoint; it resumes next time")
         return
     update_job_record(run.dir, state="failed", error=error, ended_at=now)
     outcome.failed.append(run.run_id)

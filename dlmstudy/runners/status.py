@@ -42,22 +42,26 @@ class RunState:
     detail: str = ""
 
 
+def alive(pid: int, host: str) -> bool:
+    """Whether process `pid` lives on `host` (on another host it cannot be checked: taken as alive)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def lock_holder(run_dir: Path) -> tuple[int, str] | None:
-    """(pid, host) written by the process that last took the run's lock, if it is alive on this host (or on
-    another host, where it cannot be checked)."""
+    """(pid, host) written by the process that last took the run's lock, if that process is alive."""
     try:
         pid, host = (run_dir / LOCK_FILE).read_text().split()
     except (OSError, ValueError):
         return None
-    if host != socket.gethostname():
-        return int(pid), host
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return int(pid), host
+    return (int(pid), host) if alive(int(pid), host) else None
 
 
 def resumes_from(run_dir: Path) -> str | None:
@@ -87,8 +91,14 @@ def run_state(run) -> RunState:
         row.detail = f"{result['val_loss_kind']} {result['final_val_loss']:.4f}"
         return row
     holder = lock_holder(run.dir)
-    scheduler = slurm_state(record) if record.get("executor") == "slurm" and not record.get("state") else None
-    if holder is not None or scheduler in RUNNING:
+    in_flight = not record.get("state")
+    scheduler = slurm_state(record) if record.get("executor") == "slurm" and in_flight else None
+    # a local job whose process still imports: its controller (the job id) lives, the run is not locked yet
+    starting = (record.get("executor") == "local" and in_flight and holder is None and "submitted_from" in record
+                and alive(int(record["job_id"]), record["submitted_from"]))
+    if starting:
+        row.state, row.detail = "running", "starting"
+    elif holder is not None or scheduler in RUNNING:
         row.state = "running"
         row.detail = ", ".join(filter(None, [f"pid {holder[0]} on {holder[1]}" if holder else "", record.get("log"),
                                              checkpoint and f"last {checkpoint}"]))
