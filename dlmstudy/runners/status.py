@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlmstudy.runners.job import read_job_record
-from dlmstudy.runners.queue import LOCK_FILE, is_done, read_result, select, study_runs
+from dlmstudy.runners.queue import LOCK_FILE, is_done, read_result, select, study_runs, waited_for
 from dlmstudy.runners.study import prepare_data
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.trainer import COMPLETE_MARK
@@ -109,7 +109,7 @@ def run_state(run) -> RunState:
         why = record.get("error") or (f"Slurm {scheduler}" if scheduler else "its process ended without a result")
         row.detail = "; ".join(filter(None, [why, resume, record.get("errors")]))
     elif not run.ready():
-        row.state, row.detail = "waiting", "for its base model" if run.stage == "sft" else "for the runs it needs"
+        row.state, row.detail = "waiting", f"for {waited_for(run)}"
     else:
         row.detail = resume
     return row
