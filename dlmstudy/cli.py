@@ -32,6 +32,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     from dlmstudy.study.spec import load_spec
 
     spec = load_spec(a.spec or default_spec())
+    if a.workers is not None or a.slurm:
+        return run_scheduled(a, spec)
     if a.num_processes > 1 and not is_launched():
         raise SystemExit(relaunch(a.argv, num_processes=a.num_processes, config=a.launch_config,
                                   device=a.device or spec.device))
@@ -43,6 +45,67 @@ def cmd_run(a: argparse.Namespace) -> None:
     if process_rank() == 0:
         out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
         print(f"report: {out} (and report.html beside it)")
+
+
+SLURM_FLAGS = ("partition", "account", "qos", "time", "gpus_per_run", "cpus_per_run", "mem_gb", "constraint",
+               "array_parallelism")
+
+
+def run_scheduled(a: argparse.Namespace, spec) -> None:
+    """`run --workers N` (processes on this machine) or `run --slurm` (jobs), through submitit; then the report."""
+    from dlmstudy.reports.render import build_report
+    from pydantic import ValidationError
+
+    from dlmstudy.runners.device import resolve_device
+    from dlmstudy.runners.scheduler import LocalBackend, SlurmBackend, execute_study
+    from dlmstudy.study.spec import ClusterSpec
+
+    if a.num_processes > 1:
+        raise UserError("--num_processes trains one run on several devices; with --workers or --slurm each run "
+                        "has its own device")
+    if a.workers is not None and a.slurm:
+        raise UserError("--workers and --slurm: choose one (--workers runs here, --slurm submits jobs)")
+    if a.slurm:
+        given = {k: getattr(a, f"slurm_{k}") for k in SLURM_FLAGS if getattr(a, f"slurm_{k}") is not None}
+        try:
+            cluster = ClusterSpec.model_validate({**(spec.cluster or ClusterSpec()).model_dump(), **given})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise UserError(f"--slurm_{first['loc'][0]} {first['input']!r}: "
+                            f"{first['msg'].removeprefix('Value error, ')}") from None
+        backend = SlurmBackend(spec, cluster)
+    else:
+        try:
+            devices = [int(d) for d in a.devices.split(",")] if a.devices else None
+        except ValueError:
+            raise UserError(f"--devices {a.devices}: give device numbers, e.g. 0,1") from None
+        backend = LocalBackend(spec, device=resolve_device(a.device or spec.device), workers=a.workers,
+                               runs_per_device=a.runs_per_device, devices=devices)
+    try:
+        outcome = execute_study(spec, backend, only=a.only, max_minutes=a.max_minutes)
+    except KeyboardInterrupt:
+        print("dlmstudy: interrupted; " + ("the Slurm jobs go on: run the same command again to follow them"
+              if a.slurm else "each run resumes from its last complete checkpoint next time"), file=sys.stderr)
+        raise SystemExit(130) from None
+    if outcome.finished:
+        out = build_report(Path(spec.runs_dir) / spec.name, Path(spec.reports_dir) / spec.name)
+        print(f"report: {out} (and report.html beside it)")
+    if outcome.interrupted:
+        print("dlmstudy: stopped on a signal; the runs in flight saved a checkpoint; run again to resume",
+              file=sys.stderr)
+        raise SystemExit(143)
+    if outcome.failed:
+        print(f"dlmstudy: {len(outcome.failed)} run(s) failed (their logs are named above; dlmstudy status "
+              f"{a.spec or default_spec()}); run again to retry them", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    from dlmstudy.runners.status import format_states, states_json, study_states
+    from dlmstudy.study.spec import load_spec
+
+    rows = study_states(load_spec(a.spec or default_spec()), only=a.only)
+    print(states_json(rows) if a.json else format_states(rows))
 
 
 def cmd_plan(a: argparse.Namespace) -> None:
@@ -235,7 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each run on N devices (re-runs this command under accelerate launch)")
     s.add_argument("--launch_config", help="ddp, fsdp2, zero2, multi-npu or an accelerate config file "
                    "(default ddp; multi-npu on npu)")
+    s.add_argument("--workers", type=int, help="train up to N runs at once, each in its own process pinned to a "
+                   "device (submitit's local executor)")
+    s.add_argument("--runs_per_device", type=int, help="with --workers: runs sharing one device (default by size)")
+    s.add_argument("--devices", help="with --workers: device ids to use, e.g. 0,1 (default: every visible one)")
+    s.add_argument("--slurm", action="store_true", help="submit each run as a Slurm job (submitit), with the "
+                   "spec's cluster: section; waits for them, then writes the report")
+    for key in SLURM_FLAGS:
+        s.add_argument(f"--slurm_{key}", type=int if key in ("gpus_per_run", "cpus_per_run", "array_parallelism")
+                       else float if key == "mem_gb" else str, help=f"override cluster.{key}")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="each run's state (done, diverged, running, queued, failed, waiting, pending)")
+    s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")
+    s.add_argument("--only", action="append", help="select runs, as for run")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("plan", help="print the expanded run matrix without training")
     s.add_argument("spec", nargs="?", help=f"study spec YAML (default {DEFAULT_SPEC})")

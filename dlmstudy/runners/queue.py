@@ -5,24 +5,31 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 from dlmstudy.runners.run import RESULT_FILE
 from dlmstudy.runners.study import Run
 
+LOCK_FILE = ".lock"
+
 
 @contextmanager
 def run_lock(run_dir: Path):
-    """Hold `run_dir/.lock` exclusively; yields False when another process holds it."""
+    """Hold `run_dir/.lock` exclusively; yields False when another process holds it.
+
+    The holder writes "pid host" into the file, so `dlmstudy status` can tell a live holder from a dead one."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR)
+    fd = os.open(run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         yield False
         return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     try:
         yield True
     finally:
@@ -37,6 +44,11 @@ def is_done(run: Run) -> bool:
 
 def read_result(run: Run) -> dict:
     return json.loads((run.dir / RESULT_FILE).read_text())
+
+
+def waited_for(run) -> str:
+    """What a run that is not `ready()` waits for, in words."""
+    return f"its base model {run.base}" if run.stage == "sft" else "the runs it depends on"
 
 
 def select(runs: list, only: list[str] | None) -> list:
@@ -61,6 +73,15 @@ def select(runs: list, only: list[str] | None) -> list:
     return kept
 
 
+def study_runs(spec, data) -> tuple[list, list]:
+    """(pretraining runs, SFT runs) of a study whose data are prepared, in the order they are started."""
+    from dlmstudy.runners.sft import resolve_sft_runs
+    from dlmstudy.runners.study import resolve_runs
+
+    runs = resolve_runs(spec, data)
+    return runs, resolve_sft_runs(spec, runs)
+
+
 def run_queue(spec, *, only: list[str] | None = None, device: str | None = None, max_minutes: float | None = None,
               progress=print) -> list[dict]:
     """Run every (selected) run of a study that has no result yet; returns the results of all selected runs.
@@ -76,13 +97,8 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     from dlmstudy.runners.device import resolve_device
     from dlmstudy.runners.launch import Ranks
     from dlmstudy.runners.run import execute_run
-    from dlmstudy.runners.sft import execute_sft_run, resolve_sft_runs
-    from dlmstudy.runners.study import (
-        prepare_data,
-        probe_items,
-        resolve_runs,
-        write_study_index,
-    )
+    from dlmstudy.runners.sft import execute_sft_run
+    from dlmstudy.runners.study import prepare_data, probe_items, write_study_index
 
     started = time.time()
     device = resolve_device(device or spec.device)
@@ -90,8 +106,7 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     say = progress if ranks.main else (lambda message: None)
     with ranks.main_first():
         data = prepare_data(spec, progress=say)
-    runs = resolve_runs(spec, data)
-    sft_runs = resolve_sft_runs(spec, runs)
+    runs, sft_runs = study_runs(spec, data)
     if ranks.main:
         write_study_index(spec, runs, sft_runs)
     probes = probe_items(spec, data, runs)
@@ -118,11 +133,18 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
             ranks.wait()
         if not ranks.main:
             continue
-        acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
-                       if result.get(f"accuracy_{d}") is not None)
-        say(f"{tag}: done, {result['val_loss_kind']} {result['final_val_loss']:.4f}" + (f", accuracy {acc}" if acc else ""))
+        say(f"[{i}/{len(chosen)}] {result_line(run.run_id, result)}")
         results.append(result)
     return results
+
+
+def result_line(run_id: str, result: dict) -> str:
+    """'<run id>: done, <loss kind> <final loss>[, accuracy forward a reverse b]' (DIVERGED when it diverged)."""
+    acc = " ".join(f"{d} {result[f'accuracy_{d}']:.2f}" for d in ("forward", "reverse")
+                   if result.get(f"accuracy_{d}") is not None)
+    state = "DIVERGED" if result.get("diverged") else "done"
+    return (f"{run_id}: {state}, {result['val_loss_kind']} {result['final_val_loss']:.4f}"
+            + (f", accuracy {acc}" if acc else ""))
 
 
 def _decide(run, held, started: float, max_minutes: float | None) -> str:
@@ -133,8 +155,8 @@ def _decide(run, held, started: float, max_minutes: float | None) -> str:
         return "done"
     if max_minutes is not None and time.time() - started > 60 * max_minutes:
         return f"not started, the {max_minutes:g}-minute budget is spent; run again to continue"
-    if run.stage == "sft" and not run.ready():
-        return f"waiting for its base model {run.base}; run again once that run has finished"
+    if not run.ready():
+        return f"waiting for {waited_for(run)}; run again once that has finished"
     if not held.enter_context(run_lock(run.dir)):
         return "another process is training it, skipped"
     return "train"

@@ -56,18 +56,34 @@ from dlmstudy.training.trainer import (
 RESULT_FILE = "result.json"
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a run with a checkpoint: SIGTERM, SIGINT and SIGUSR2 (what Slurm sends before a time
+    limit when asked with --signal, and submitit's preemption signal). Inside a submitit Slurm job SIGTERM is left
+    to submitit, which ignores it there: preemptions and time limits arrive as SIGUSR2."""
+    on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    return (signal.SIGINT, signal.SIGUSR2) if on_slurm else (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 class StopOnSignal(TrainerCallback):
-    """On SIGTERM/SIGINT: save a checkpoint at the end of the current step and stop training."""
+    """On a stop signal (`stop_signals`): save a checkpoint at the end of the current step and stop training.
+
+    `uninstall` puts back the handlers that were there before (a job runner's own, for instance)."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
+        self._previous: dict = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in stop_signals()}
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.signum = signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -77,6 +93,10 @@ class StopOnSignal(TrainerCallback):
 
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; the run resumes next time."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def optimizer_steps(arguments: dict, n_samples: int) -> int:
@@ -137,10 +157,10 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         finish_swanlab(tracker)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stopper.uninstall()
     if stopper.requested:
-        raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
+        raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume",
+                          stopper.signum)
     trained = (trainer.state.global_step - start_step) * tokens_per_step
     runtime = out.metrics.get("train_runtime", float("nan"))
     return trainer.final_model(), {"train_runtime_s": runtime,

@@ -60,6 +60,10 @@ class Run:
     def total_tokens(self) -> int:
         return int(self.config["total_tokens"])
 
+    def ready(self) -> bool:
+        """Whether the run can start now: a pretraining run needs nothing from another run."""
+        return True
+
 
 # Training settings that change speed, not results: left out of run ids.
 SPEED_ONLY = {"fast_head", "head_chunk", "compile", "cuda_graphs"}

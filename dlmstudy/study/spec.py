@@ -211,6 +211,57 @@ class SFTSpec(Strict):
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
+class ClusterSpec(Strict):
+    """Slurm options of `dlmstudy run --slurm` (submitted through submitit): one job per run, an array when several
+    runs are ready at once. A `--slurm_<key>` flag overrides the key. Each run trains on one GPU (or the CPU)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: int | str = Field(240, description="a job's time limit: minutes, or Slurm's [D-]HH:MM:SS; a run that "
+                            "needs longer saves a checkpoint, is requeued and resumes")
+    gpus_per_run: int = Field(1, ge=0, le=1, description="GPUs of a job: 1, or 0 on a CPU partition")
+    cpus_per_run: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    constraint: str | None = None
+    array_parallelism: int = Field(256, ge=1, description="at most this many jobs of one array at once")
+    setup: list[str] = Field(default_factory=list, description="shell lines each job runs first (module load ..., "
+                             "source .venv/bin/activate)")
+    signal_delay_s: int = Field(120, ge=10, description="SIGUSR2 this many seconds before the time limit: the run "
+                                "saves a checkpoint and the job is requeued")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: int | str) -> int | str:
+        minutes_of(v)
+        return v
+
+    @property
+    def minutes(self) -> int:
+        """The time limit in whole minutes, as submitit takes it."""
+        return minutes_of(self.time)
+
+
+def minutes_of(value: int | str) -> int:
+    """Minutes of a Slurm time: an int, "MM", "HH:MM:SS" or "D-HH:MM:SS" (seconds round up)."""
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("a time limit must be at least 1 minute")
+        return value
+    days, _, clock = value.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        raise ValueError("use minutes, HH:MM:SS or D-HH:MM:SS")
+    if len(parts) == 1:
+        h, m, sec = 0, int(parts[0]), 0
+    else:
+        h, m, sec = ([0] + [int(p) for p in parts])[-3:]
+    total = int(days or 0) * 1440 + h * 60 + m + (sec > 0)
+    if total < 1:
+        raise ValueError("a time limit must be at least 1 minute")
+    return total
+
+
 class StudySpec(Strict):
     """A whole study: every arm trained on the same tokens with the same budget, evaluated the same way."""
 
@@ -228,6 +279,7 @@ class StudySpec(Strict):
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     sft: SFTSpec | None = None
+    cluster: ClusterSpec | None = None
 
     @field_validator("name")
     @classmethod
