@@ -34,10 +34,10 @@ from dlmstudy.runners.study import prepare_data, study_dir, write_study_index
 from dlmstudy.study.estimate import format_duration
 from dlmstudy.study.spec import ClusterSpec, StudySpec
 
-# Runs sharing one device by default, by non-embedding parameters: up to 12M 4 runs, up to 120M 2, larger 1.
-# PROVISIONAL, NOT MEASURED: to be set from the H200 concurrency measurement (python -m
-# dlmstudy.runners.concurrency, docs/benchmarks.md).
-RUNS_PER_DEVICE = ((12_000_000, 4), (120_000_000, 2))
+# Runs sharing one device by default, by non-embedding parameters, from the H200 measurement in
+# docs/benchmarks.md ("Concurrent runs on one GPU"): at 3.2M four runs gave 3.7x one run's throughput (eight
+# gave less); at 10.6M two gave 1.5x and more gave nothing further. Larger models were not measured: 1.
+RUNS_PER_DEVICE = ((5_000_000, 4), (12_000_000, 2))
 VISIBLE = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # the local executor's time limit: none, in effect
 MAX_REQUEUES = 50  # Slurm time limits a run may run into, each resumed from its checkpoint, before it is failed
