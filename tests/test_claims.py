@@ -174,6 +174,9 @@ def test_fit_claims_compare_intervals_and_an_open_interval_cannot_decide():
     open_ended = judge_claims(single, fits=fits_frame((60, 20, np.inf), (15, 8, 40)))
     assert verdict(open_ended, "b") == NOT_TESTABLE and "cannot bound" in open_ended.table.loc[1, "reason"]
     assert verdict(judge_claims(single, fits=fits_frame((400, 200, np.inf), (15, 8, 40))), "b") == SUGGESTED
+    bare = fits_frame((400, 200, 900), (15, 10, 25))[["arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "usable_epochs",
+                                                      "usable_epochs_lo", "usable_epochs_hi", "r2", "method"]]
+    assert verdict(judge_claims(single, fits=bare), "b") == SUGGESTED  # a fits frame of its own, fewer columns
     unfitted = judge_claims(single)
     assert verdict(unfitted, "b") == NOT_TESTABLE and "epoch count(s)" in unfitted.table.loc[1, "reason"]
 

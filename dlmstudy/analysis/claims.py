@@ -269,9 +269,9 @@ def _fit_findings(fits: pd.DataFrame, readiness: dict, table: pd.DataFrame, d_ar
     d, a = fitted.loc[d_arm], fitted.loc[a_arm]
     replicated = min(_replicated_settings(table, d_arm), _replicated_settings(table, a_arm)) >= \
         rules.REPLICATED_SETTINGS
-    evidence = fits[fits["arm"].isin([d_arm, a_arm])][[
-        "arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "status", "usable_epochs", "usable_epochs_lo",
-        "usable_epochs_hi", "r2", "n_runs", "degenerate", "method", "interval", "runs"]]
+    columns = ["arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "status", "usable_epochs", "usable_epochs_lo",
+               "usable_epochs_hi", "r2", "n_runs", "degenerate", "method", "interval", "runs"]
+    evidence = fits.loc[fits["arm"].isin([d_arm, a_arm]), [c for c in columns if c in fits]]
     out = []
     for claim, key, label in (("b", "R_D_star", "R_D*"), ("a", "usable_epochs", "usable epochs")):
         lo_d, hi_d, lo_a, hi_a = d[f"{key}_lo"], d[f"{key}_hi"], a[f"{key}_lo"], a[f"{key}_hi"]
@@ -287,7 +287,7 @@ def _fit_findings(fits: pd.DataFrame, readiness: dict, table: pd.DataFrame, d_ar
         paper = PAPER[key]
         inside = [f"{arm} {'in' if row[f'{key}_lo'] <= paper[objectives[arm]] <= row[f'{key}_hi'] else 'out'}side"
                   for arm, row in ((d_arm, d), (a_arm, a))]
-        flags = [f"{arm}: {row['degenerate']}" for arm, row in ((d_arm, d), (a_arm, a)) if row["degenerate"]]
+        flags = [f"{arm}: {row['degenerate']}" for arm, row in ((d_arm, d), (a_arm, a)) if row.get("degenerate")]
         reason += f"; paper values {', '.join(inside)} the intervals"
         reason += f"; constants not determined ({'; '.join(flags)})" if flags else ""
         decisive = (f"{label}: {d_arm} {interval_text(d[key], lo_d, hi_d, d['R_D_star_lo'] <= 0)}, "
@@ -412,7 +412,7 @@ def _compute_findings(frontiers: pd.DataFrame, fits: pd.DataFrame, d_arm: str, a
                   "expects AR ahead")
     out = [Finding("c", test, verdict, "; ".join(parts), reason, mine.reset_index(drop=True))]
     law = fits[fits["arm"].isin([d_arm, a_arm])] if len(fits) else fits
-    if len(law) == 2 and set(LAW_COLUMNS) <= set(law.columns) and law["identified"].all():
+    if len(law) == 2 and set(LAW_COLUMNS) | {"identified"} <= set(law.columns) and law["identified"].all():
         crossings = []
         for unique in sorted(mine["unique_tokens"].unique()):
             c = critical_compute(law, unique_tokens=unique, arms=(a_arm, d_arm))
