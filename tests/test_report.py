@@ -112,7 +112,7 @@ def test_report_tables_missing_runs_claims_and_figures(built):
     missing = text.split("## Missing runs")[1]
     assert "llada_u500_r8_never" in missing and "not started" in missing
     assert "qwen_u500_r8_started" in missing and "started, no result" in missing
-    assert "| claim | paper | verdict | this study | why | caveat |" in text
+    assert "| claim | diffusion | ar | verdict | decisive | reason | caveat |" in text
     claims = pd.read_csv(out / "tables" / "claims.csv")
     assert len(claims) == 4 and claims["verdict"].notna().all()
     assert "ELBO" in text and "not comparable" in text
@@ -141,7 +141,7 @@ def test_partial_study_and_rebuild_without_optional_outputs(tmp_path):
     (out / "figures" / "stale.png").write_bytes(b"old")
     build_report(folder, out, bootstrap=0)
     text = (out / "report.md").read_text()
-    assert "1 finished runs, 0 missing" in text and "not testable at this scale" in text
+    assert "1 finished runs, 0 missing" in text and "| not testable |" in text
     assert not (out / "figures" / "stale.png").exists()
     assert not (out / "tables" / "throughput.csv").exists()
 

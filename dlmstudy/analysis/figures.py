@@ -58,6 +58,12 @@ def _log_x(ax, values) -> None:
         ax.xaxis.set_minor_formatter(plain)
 
 
+def set_label(frame: pd.DataFrame, column: str) -> str:
+    """The validation set a column of losses was scored on (`best_val_set`, `final_val_set`), or a warning."""
+    labels = sorted(frame[column].dropna().unique()) if column in frame else []
+    return labels[0] if len(labels) == 1 else "set not recorded" if not labels else "sets differ between runs"
+
+
 def _sizes_vary(frame: pd.DataFrame) -> bool:
     return "size" in frame and frame["size"].nunique() > 1
 
@@ -88,7 +94,7 @@ def loss_vs_tokens(scalars: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel(LOSS_LABEL)
         handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
         ax.legend(handles.values(), handles.keys(), fontsize=8)
-    fig.suptitle(f"Validation loss during training ({LEVELS_NOTE})", fontsize=10)
+    fig.suptitle(f"Validation loss during training, on {set_label(df, 'best_val_set')} ({LEVELS_NOTE})", fontsize=10)
     return _save(fig, path)
 
 
@@ -104,7 +110,8 @@ def loss_vs_epochs(runs: pd.DataFrame, path: Path) -> Path | None:
     styles = dict(zip(sorted(runs[by].unique()), ["-", "--", ":", "-."] * 8))
     markers = dict(zip(sorted(runs["model"].unique()), "osD^v<>p" * 4))  # one marker per model size
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    for ax, column, title in ((axes[0], "final_val_loss", "final"), (axes[1], "best_val_loss", "best during training")):
+    for ax, column, title in ((axes[0], "final_val_loss", f"final, on {set_label(runs, 'final_val_set')}"),
+                              (axes[1], "best_val_loss", f"best, on {set_label(runs, 'best_val_set')}")):
         starred = set()  # epoch counts whose AR minimum is already labelled on this panel
         for (arm, model, key), line in runs.groupby(["arm", "params_non_embedding", by]):
             line_model = line["model"].iloc[0]
@@ -125,7 +132,7 @@ def loss_vs_epochs(runs: pd.DataFrame, path: Path) -> Path | None:
         _log_x(ax, runs["epochs"])
         ax.set_xlabel("epochs (log scale)")
         ax.set_ylabel(LOSS_LABEL)
-        ax.set_title(f"{title} validation loss")
+        ax.set_title(f"{title}", fontsize=9)
     axes[1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.suptitle(LEVELS_NOTE, fontsize=9)
     return _save(fig, path)
@@ -138,25 +145,25 @@ def pareto_frontier(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 def loss_vs_flops(runs: pd.DataFrame, path: Path) -> Path | None:
-    """Best validation loss against training compute C = 6·N·D (N non-embedding parameters), with each arm's
-    Pareto frontier (the lowest loss reached at or below each compute)."""
+    """Final validation loss (one set for every run) against training compute C = 6·N·D (N non-embedding
+    parameters), with each arm's Pareto frontier (the lowest loss reached at or below each compute)."""
     if runs.empty or "flops" not in runs:
         return None
-    df = runs.dropna(subset=["best_val_loss", "flops"])
+    df = runs.dropna(subset=["final_val_loss", "flops"])
     if df.empty:
         return None
     colours = _palette(df["arm"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for arm, group in df.groupby("arm"):
-        ax.scatter(group["flops"], group["best_val_loss"], color=colours[arm], alpha=0.6, s=25, label=arm)
-        front = pareto_frontier(group, "flops", "best_val_loss")
-        ax.step(front["flops"], front["best_val_loss"], where="post", color=colours[arm], lw=1.5,
+        ax.scatter(group["flops"], group["final_val_loss"], color=colours[arm], alpha=0.6, s=25, label=arm)
+        front = pareto_frontier(group, "flops", "final_val_loss")
+        ax.step(front["flops"], front["final_val_loss"], where="post", color=colours[arm], lw=1.5,
                 label=f"{arm} frontier")
     _log_x(ax, df["flops"])
     ax.set_xlabel("training FLOPs  C = 6·N·D  (N non-embedding)")
-    ax.set_ylabel("best " + LOSS_LABEL)
+    ax.set_ylabel("final " + LOSS_LABEL)
     ax.legend(fontsize=8)
-    ax.set_title(LEVELS_NOTE, fontsize=8)
+    ax.set_title(f"on {set_label(df, 'final_val_set')}; {LEVELS_NOTE}", fontsize=8)
     return _save(fig, path)
 
 
@@ -181,7 +188,8 @@ def params_epochs_heatmap(runs: pd.DataFrame, path: Path) -> Path | None:
         ax.set_title(f"{arm}, U={short_count(unique)}")
         ax.set_xlabel("epochs")
         ax.set_ylabel("non-embedding params")
-    fig.suptitle("Final validation loss (lower is better; " + LEVELS_NOTE + ")", fontsize=9)
+    fig.suptitle(f"Final validation loss on {set_label(runs, 'final_val_set')} (lower is better; {LEVELS_NOTE})",
+                 fontsize=9)
     return _save(fig, path)
 
 

@@ -4,7 +4,8 @@ What is read, every file optional except a finished run's result.json:
 
     runs/<study>/study.json                       the plan: name, spec, planned runs
     runs/<study>/<run>/run.json                   the resolved config (model size, seed)
-    runs/<study>/<run>/result.json                written last: the run is finished
+    runs/<study>/<run>/result.json                written last: the run is finished (`stage: tune`: a
+                                                  learning-rate sweep's run)
     runs/<study>/<run>/scalars.jsonl              the scalar mirror (else the SwanLab log is used)
     runs/<study>/<run>/swanlog/run-*/*.swanlab    SwanLab offline log
     runs/<study>/<run>/eval/qa_samples.jsonl      probe answers
@@ -15,7 +16,9 @@ What is read, every file optional except a finished run's result.json:
     runs/<study>/sft/<name>/                      SFT of a model not pretrained in this study
     runs/<study>/bench*.json, runs/<study>/bench/*.json   `dlmstudy bench --json` records
 
-A file that cannot be parsed is skipped and named in `StudyFrames.notes`.
+A file that cannot be parsed is skipped and named in `StudyFrames.notes`. Diverged runs (`divergence`) and
+tune runs are kept apart from `runs`, so no fit, frontier, cell or claim sees them; every run's best
+validation loss is the minimum over evaluations on one set (`validation_sets`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from dlmstudy.analysis import swanlab_reader
+from dlmstudy.analysis.divergence import divergence
+from dlmstudy.analysis.validation_sets import best_loss, validation_sets
 
 SAMPLER_COLUMNS = ("steps", "block_length", "accuracy", "tokens_per_s")
 BENCH_COLUMNS = ("device", "arm", "tokens_per_s")
@@ -47,7 +52,10 @@ def training_flops(params_non_embedding, tokens):
 class StudyFrames:
     """Tidy frames of one study folder; every frame may be empty.
 
-    runs: one row per finished run (result.json + size/seed from run.json + `flops`); planned: the plan;
+    runs: one row per finished run that did not diverge (result.json, its size, seed and learning rate, whether
+    and where it diverged, its best loss on one validation set and the sets' labels `best_val_set`,
+    `final_val_set`, and `flops`); diverged: the same for diverged runs; tune: the same for the learning-rate
+    sweeps' runs (`stage: tune`); planned: the plan;
     missing: ids of planned or started runs without a result; missing_runs: the same with their plan and a
     `status`; scalars: logged scalars per run and
     step (`source`: mirror or swanlab); swanlab: the decoded SwanLab logs (run_id, step, key, value); qa: probe
@@ -70,6 +78,8 @@ class StudyFrames:
     sft_scalars: pd.DataFrame = field(default_factory=pd.DataFrame)
     bench: pd.DataFrame = field(default_factory=pd.DataFrame)
     sources: pd.DataFrame = field(default_factory=pd.DataFrame)
+    diverged: pd.DataFrame = field(default_factory=pd.DataFrame)
+    tune: pd.DataFrame = field(default_factory=pd.DataFrame)
     notes: list[str] = field(default_factory=list)
 
 
@@ -187,20 +197,39 @@ def _swanlab_agreement(mirror: pd.DataFrame, long: pd.DataFrame) -> float:
     return float((both["mirror"] - both["value"]).abs().max()) if len(both) else np.nan
 
 
-def _read_run(run_dir: Path, result: dict, notes: list[str]) -> dict[str, list]:
+def _run_row(result: dict, config: dict, spec: dict, logged: list[dict]) -> dict:
+    """A finished run's row: its result.json, with its size, seed and learning rate (result.json, else run.json),
+    whether and where it diverged, and its best loss on one validation set with the sets' labels."""
+    gone = divergence(result, logged)
+    sets = validation_sets(result, config, spec)
+    during = [row["val_loss"] for row in logged if "val_loss" in row]
+    nan = float("nan")
+    return {**result, "seed": result.get("seed", config.get("seed", nan)), "size": _size_label(config),
+            "learning_rate": result.get("learning_rate", (config.get("training") or {}).get("learning_rate", nan)),
+            "diverged": gone is not None, "diverged_step": gone.step if gone else None,
+            "diverged_reason": gone.reason if gone else None,
+            "best_val_loss": best_loss(sets, during, result.get("final_val_loss", nan),
+                                       result.get("best_val_loss", nan)),
+            "best_val_set": sets.best_label, "final_val_set": sets.final_label}
+
+
+def _read_run(run_dir: Path, result: dict, notes: list[str], spec: dict) -> dict[str, list]:
     """Everything one finished run folder holds, as lists of rows (or frames) per StudyFrames field."""
     run_id, arm = result["run_id"], result.get("arm")
     tag = {"run_id": run_id, "arm": arm}
     config = _read_json(run_dir / "run.json", notes) if (run_dir / "run.json").exists() else None
     config = config if isinstance(config, dict) else {}
-    out = {"runs": [{**result, "seed": config.get("seed", np.nan), "size": _size_label(config)}]}
-    mirror = pd.DataFrame(_read_jsonl(run_dir / "scalars.jsonl", notes) if (run_dir / "scalars.jsonl").exists() else [])
+    rows = _read_jsonl(run_dir / "scalars.jsonl", notes) if (run_dir / "scalars.jsonl").exists() else []
+    mirror = pd.DataFrame(rows)
     long = pd.DataFrame()
     if (run_dir / "swanlog").is_dir():
         try:
             long = swanlab_reader.read_swanlab_run(run_dir)
         except (OSError, ValueError) as err:
             notes.append(f"`{run_dir / 'swanlog'}` skipped: {err}")
+    if not rows and len(long):
+        rows = [{"step": step, **dict(zip(group["key"], group["value"]))} for step, group in long.groupby("step")]
+    out = {"runs": [_run_row(result, config, spec, rows)]}
     logged = mirror.assign(source="mirror") if len(mirror) else swanlab_reader.wide(long).assign(source="swanlab")
     out["scalars"] = [logged.assign(run_id=run_id)] if len(logged) else []
     out["swanlab"] = [long.assign(run_id=run_id)] if len(long) else []
@@ -268,7 +297,7 @@ def load_study(folder: str | Path) -> StudyFrames:
             for key, rows in _read_sft_run(run_dir, result, notes).items():
                 parts.setdefault(key, []).extend(rows)
         elif isinstance(result, dict) and "run_id" in result:
-            for key, rows in _read_run(run_dir, result, notes).items():
+            for key, rows in _read_run(run_dir, result, notes, index.get("spec") or {}).items():
                 parts.setdefault(key, []).extend(rows)
     for sft_dir in sorted(p for p in (folder / "sft").glob("*") if p.is_dir()):  # SFT of models from elsewhere
         rows, curve = read_sft(sft_dir, notes)
@@ -283,6 +312,13 @@ def load_study(folder: str | Path) -> StudyFrames:
         runs["backbone"] = runs["backbone"].fillna(runs["arm"]) if "backbone" in runs else runs["arm"]
         runs["flops"] = training_flops(runs["params_non_embedding"], runs["tokens"])
     done = (set(runs["run_id"]) if len(runs) else set()) | sft_done
+    tune, diverged = pd.DataFrame(), pd.DataFrame()
+    if len(runs):
+        is_tune = runs["stage"].eq("tune") if "stage" in runs else pd.Series(False, index=runs.index)
+        tune = runs[is_tune].reset_index(drop=True)
+        runs = runs[~is_tune]
+        diverged = runs[runs["diverged"]].reset_index(drop=True)
+        runs = runs[~runs["diverged"]].reset_index(drop=True)
     planned_ids = {row["run_id"] for row in index.get("runs", [])}
     missing_runs = pd.DataFrame([{**row, "status": _run_status(folder / row["run_id"])}
                                  for row in index.get("runs", []) if row["run_id"] not in done]
@@ -290,12 +326,13 @@ def load_study(folder: str | Path) -> StudyFrames:
                                    if p.name not in done and p.name not in planned_ids])
     scalars = frames.pop("scalars", pd.DataFrame())
     if len(scalars):
-        keys = ["run_id", "arm", "unique_tokens", "epochs", "size", "params_non_embedding", "objective"]
-        scalars = scalars.merge(runs[[k for k in keys if k in runs]], on="run_id", how="left")
+        keys = ["run_id", "arm", "unique_tokens", "epochs", "size", "params_non_embedding", "objective", "best_val_set"]
+        finished = pd.concat([runs, diverged, tune], ignore_index=True)
+        scalars = scalars.merge(finished[[k for k in keys if k in finished]], on="run_id", how="left")
     if not swanlab_reader.swanlab_available() and any((p / "swanlog").is_dir() for p in run_dirs):
         notes.append("SwanLab logs present but not decoded (swanlab is not installed): the scalar mirror was used")
     qa = frames.pop("qa", pd.DataFrame())
     return StudyFrames(name=index.get("name", folder.name), runs=runs, scalars=scalars, qa=qa,
                        planned=pd.DataFrame(index.get("runs", [])), missing=list(missing_runs.get("run_id", [])),
                        spec=index.get("spec", {}), missing_runs=missing_runs, bench=read_bench(folder, notes),
-                       notes=notes, **frames)
+                       notes=notes, diverged=diverged, tune=tune, **frames)

@@ -1,7 +1,11 @@
 """Muennighoff et al. (2023) data-constrained scaling law: effective data D', the law L(N, D'), its per-arm
-fit (the datablations method: Huber on log loss in log-sum-exp form, quasi-Newton from a grid of starts,
-single-epoch constants first, then R_D* with those frozen) and what it implies for a study: the bootstrap
-interval of R_D*, usable epochs, and the compute where two arms' curves cross."""
+fit and what it implies for a study: usable epochs, and the compute where two arms' curves cross.
+
+The fit profiles R_D*: at each R* of a log grid every other constant is fitted to all runs (the law in
+log-sum-exp form, least squares on log loss, quasi-Newton from a grid of starts and from the neighbouring R*);
+the profile's F test gives R_D*'s interval, open-ended ("not identified") where the runs cannot bound it.
+Fitting R_D* with the single-epoch constants frozen (the two-stage datablations method) ignores their
+uncertainty, and its intervals can exclude the truth on grids that cannot identify R_D*."""
 
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy.optimize import brentq, minimize, minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
+from scipy.stats import chi2
+from scipy.stats import f as f_dist
 
 from dlmstudy.errors import UserError
 
-HUBER_DELTA = 1e-3  # on log loss, as in datablations
 R_STAR_RANGE = (1.0, 1e4)  # R_D* is searched in log space over this range
-R_STAR_GRID = 161  # log-spaced points before the bounded 1-D refinement
+R_STAR_GRID = 49  # log-spaced points of the profile (neighbours a factor 1.21 apart), refined between them
+LEVEL = 0.99  # R_D*'s interval: the law's fit is the report's most assumption-laden number, so 99%, not 95%
+CONSTANTS = ("E", "A", "B", "alpha", "beta")
+EXPONENT_RANGE = (0.02, 2.5)  # fitted α, β outside it are flagged as degenerate
 # Muennighoff et al.'s C4 fit (nats/token): the fallback's shape when a study has too few one-epoch runs.
 C4 = {"E": 1.87, "A": 520.8, "B": 1487.7, "alpha": 0.353, "beta": 0.353, "R_D_star": 15.4, "R_N_star": 5.3}
 COLUMNS = ("arm", "params", "unique_tokens", "tokens", "loss")
@@ -101,50 +109,208 @@ def _log_law(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndar
     return np.logaddexp(np.logaddexp(e, a - alpha * log_n), b - beta * log_d)
 
 
-def _huber(residual: np.ndarray) -> np.ndarray:
-    """Huber(δ)/δ, summed over the last axis: dividing by δ keeps gradients O(1) and leaves the argmin alone."""
-    r = np.abs(residual)
-    return np.where(r <= HUBER_DELTA, 0.5 * r**2 / HUBER_DELTA, r - 0.5 * HUBER_DELTA).sum(axis=-1)
+def _terms(free: np.ndarray, form: _Form, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
+    """log E, log A/N^α, log B/D^β per problem and run: shape (P, n, 3) for free constants of shape (P, k)."""
+    theta = free @ form.M.T + form.c
+    e, a, b, alpha, beta = (theta[:, k, None] for k in range(5))
+    return np.stack(np.broadcast_arrays(e, a - alpha * log_n, b - beta * log_d), axis=-1)
 
 
-def _objective(free: np.ndarray, form: _Form, log_n, log_d, log_loss) -> tuple[float, np.ndarray]:
-    """Huber objective of the single-epoch law and its gradient with respect to the free constants."""
-    e, a, b, alpha, beta = form.M @ free + form.c
-    z_a, z_b = a - alpha * log_n, b - beta * log_d
-    top = np.maximum(np.maximum(z_a, z_b), e)
-    w_e, w_a, w_b = np.exp(e - top), np.exp(z_a - top), np.exp(z_b - top)
-    total = w_e + w_a + w_b
-    residual = top + np.log(total) - log_loss  # LSE(e, z_a, z_b) − log L
-    slope = np.clip(residual / HUBER_DELTA, -1.0, 1.0) / total  # Huber' times softmax's denominator
-    slope_a, slope_b = slope * w_a, slope * w_b
-    gradient = np.array([slope @ w_e, slope_a.sum(), slope_b.sum(), -slope_a @ log_n, -slope_b @ log_d])
-    return float(_huber(residual)), form.M.T @ gradient
+def _lm(free: np.ndarray, form: _Form, log_n, log_d, log_loss, weights=None, tolerance: float = 1e-10,
+        iterations: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt on P least-squares problems at once: minimise Σ w·(LSE(terms) − log L)² over the
+    free constants from starts `free` (P, k); log_d and weights may be (n,) or (P, n). A problem stops when a
+    step gains less than `tolerance` of its RSS or its damping passes 1e8. Returns the constants and each
+    problem's weighted residual sum of squares. Vectorised, because a profile and its bootstrap are hundreds of
+    small fits."""
+    free = np.array(free, dtype=float)
+    count = len(free)
+    log_d = np.broadcast_to(log_d, (count, len(log_loss)))
+    root_w = np.sqrt(np.broadcast_to(np.ones_like(log_loss) if weights is None else weights, log_d.shape))
+
+    def evaluate(x, rows):
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = _terms(x, form, log_n, log_d[rows])
+            top = z.max(axis=-1, keepdims=True)
+            share = np.exp(z - top)
+            total = share.sum(axis=-1, keepdims=True)
+            residual = (top + np.log(total))[..., 0] - log_loss
+        residual = np.where(np.isfinite(residual), residual, 1e6)  # an overflowing step is rejected, not NaN
+        return residual * root_w[rows], (share / total) * root_w[rows][..., None]
+
+    residual, share = evaluate(free, slice(None))
+    rss = (residual**2).sum(axis=1)
+    damping = np.full(count, 1e-3)
+    active = np.arange(count)
+    eye = np.eye(free.shape[1])
+    for _ in range(iterations):
+        if not len(active):
+            break
+        w = share[active]
+        slopes = np.stack([w[..., 0], w[..., 1], w[..., 2], -w[..., 1] * log_n, -w[..., 2] * log_d[active]],
+                          axis=-1) @ form.M  # ∂ residual / ∂ free, (P, n, k)
+        hessian = slopes.transpose(0, 2, 1) @ slopes
+        gradient = (slopes.transpose(0, 2, 1) @ residual[active][..., None])[..., 0]
+        diagonal = np.diagonal(hessian, axis1=1, axis2=2)
+        scale = (diagonal + 1e-9 * diagonal.max(axis=1, keepdims=True) + 1e-30)[:, None, :] * eye
+        step = np.linalg.solve(hessian + damping[active, None, None] * scale, -gradient[..., None])[..., 0]
+        trial, trial_share = evaluate(free[active] + step, active)
+        trial_rss = (trial**2).sum(axis=1)
+        better = trial_rss < rss[active]
+        gain = rss[active] - trial_rss
+        moved = active[better]
+        free[moved] += step[better]
+        residual[moved], share[moved], rss[moved] = trial[better], trial_share[better], trial_rss[better]
+        damping[active] = np.where(better, np.maximum(damping[active] / 3.0, 1e-12), damping[active] * 4.0)
+        done = (better & (gain <= tolerance * rss[active])) | (damping[active] > 1e8)
+        active = active[~done]
+    return free, rss
 
 
-def _fit_constants(form: _Form, log_n, log_d, log_loss, starts: np.ndarray | None = None) -> np.ndarray:
-    """Free constants of the single-epoch law by BFGS from `starts`, by default the 8 best points of the start
-    grid. (Dense BFGS, not L-BFGS: with five constants the full matrix costs nothing, and scipy's L-BFGS-B
-    calls threaded LAPACK every step, 10-20x slower on a busy shared CPU.)"""
-    if starts is None:
-        grid = form.starts()
-        starts = grid[np.argsort(_huber(_log_law(grid @ form.M.T + form.c, log_n, log_d) - log_loss))[:8]]
-    results = [minimize(_objective, x0, args=(form, log_n, log_d, log_loss), jac=True, method="BFGS") for x0 in starts]
-    return min(results, key=lambda res: res.fun).x
+def _grid_starts(form: _Form, log_n, log_d, log_loss, count: int = 8) -> np.ndarray:
+    """The `count` points of the form's start grid with the smallest squared error."""
+    grid = form.starts()
+    with np.errstate(over="ignore", invalid="ignore"):
+        error = ((_log_law(grid @ form.M.T + form.c, log_n, log_d) - log_loss) ** 2).sum(axis=-1)
+    return grid[np.argsort(np.nan_to_num(error, nan=np.inf))[:count]]
 
 
-def _fit_r_star(theta: np.ndarray, log_n, unique, tokens, log_loss) -> float:
-    """R_D* with the single-epoch constants θ frozen: Huber objective on a log grid of R*, then bounded Brent
-    between the best point's neighbours."""
-    def score(rho):
-        rho = np.asarray(rho, dtype=float)
-        log_d = np.log(effective_data(unique, tokens, np.exp(rho)[..., None]))
-        return _huber(_log_law(theta, log_n, log_d) - log_loss)
+@dataclass
+class Profile:
+    """The profile of R_D*: at each log R* of the grid `rho`, the residual sum of squares `rss` of log loss with
+    the other constants (`free`, one row per grid point) optimised."""
 
+    rho: np.ndarray
+    rss: np.ndarray
+    free: np.ndarray
+
+    def with_point(self, rho: float, free: np.ndarray, rss: float) -> "Profile":
+        """The profile with one more point (the refined minimum), kept in order of R*."""
+        at = int(np.searchsorted(self.rho, rho))
+        return Profile(np.insert(self.rho, at, rho), np.insert(self.rss, at, rss), np.insert(self.free, at, free, 0))
+
+
+def profile_r_star(form: _Form, log_n, unique, tokens, log_loss) -> Profile:
+    """Profile the squared error over log R* on R_STAR_GRID points of R_STAR_RANGE: the 8 best start-grid points
+    at five anchor R*, each anchor's best fit then carried to every grid point, and passes that restart each
+    point from its neighbours' fits until none improves (a fit stuck in a poor basin is replaced)."""
     rho = np.linspace(*np.log(R_STAR_RANGE), R_STAR_GRID)
-    best = int(np.argmin(score(rho)))
-    bracket = (rho[max(best - 1, 0)], rho[min(best + 1, len(rho) - 1)])
-    refined = minimize_scalar(score, bounds=bracket, method="bounded", options={"xatol": 1e-4}).x
-    return float(np.exp(min((rho[best], refined), key=score)))
+    log_d = np.log(effective_data(unique, tokens, np.exp(rho)[:, None]))
+    anchors = np.linspace(0, len(rho) - 1, 5).round().astype(int)
+    starts = np.concatenate([_grid_starts(form, log_n, log_d[i], log_loss) for i in anchors])
+    fitted, rss = _lm(starts, form, log_n, np.repeat(log_d[anchors], len(starts) // len(anchors), axis=0), log_loss)
+    best = fitted.reshape(len(anchors), -1, fitted.shape[1])[np.arange(len(anchors)),
+                                                               rss.reshape(len(anchors), -1).argmin(axis=1)]
+    fitted, rss = _lm(np.repeat(best, len(rho), axis=0), form, log_n, np.tile(log_d, (len(anchors), 1)), log_loss)
+    pick = rss.reshape(len(anchors), len(rho)).argmin(axis=0)
+    free = fitted.reshape(len(anchors), len(rho), -1)[pick, np.arange(len(rho))]
+    rss = rss.reshape(len(anchors), len(rho))[pick, np.arange(len(rho))]
+    for _ in range(len(rho)):
+        neighbours = np.concatenate([np.r_[0, np.arange(len(rho) - 1)], np.r_[np.arange(1, len(rho)), len(rho) - 1]])
+        fitted, tried = _lm(free[neighbours], form, log_n, np.tile(log_d, (2, 1)), log_loss)
+        tried, fitted = tried.reshape(2, len(rho)), fitted.reshape(2, len(rho), -1)
+        side = tried.argmin(axis=0)
+        better = tried[side, np.arange(len(rho))] < rss * (1 - 1e-9)
+        if not better.any():
+            break
+        free[better] = fitted[side, np.arange(len(rho))][better]
+        rss[better] = tried[side, np.arange(len(rho))][better]
+    return Profile(rho, rss, free)
+
+
+def _fit_at(rho: float, start: np.ndarray, form: _Form, log_n, unique, tokens, log_loss) -> tuple[np.ndarray, float]:
+    """The other constants at R* = exp(rho), warm-started from `start`: (free constants, RSS)."""
+    log_d = np.log(effective_data(unique, tokens, np.exp(rho)))
+    free, rss = _lm(start[None], form, log_n, log_d, log_loss)
+    return free[0], float(rss[0])
+
+
+def _minimum(profile: Profile, fit_at) -> tuple[float, np.ndarray, float]:
+    """The profile's minimum (log R*, free constants, RSS): bounded Brent between the best grid point's
+    neighbours; the grid point itself at an end of the range."""
+    best = int(np.argmin(profile.rss))
+    grid = (profile.rho[best], profile.free[best], profile.rss[best])
+    if best in (0, len(profile.rho) - 1):
+        return grid
+    found = minimize_scalar(lambda r: fit_at(r, profile.free[best])[1], method="bounded",
+                            bounds=(profile.rho[best - 1], profile.rho[best + 1]), options={"xatol": 1e-3})
+    if found.fun >= grid[2]:
+        return grid
+    return found.x, fit_at(found.x, profile.free[best])[0], float(found.fun)
+
+
+def _profile_interval(profile: Profile, fit_at, rss_min: float, n_runs: int, n_constants: int, noise_var: float,
+                      level: float) -> tuple[float, float, str]:
+    """(lo, hi, test) of R_D*: the R* whose profile statistic (RSS(R*) − RSS_min)/s² stays under F(1, n − p) at
+    `level` (χ²(1) where the known noise floors s²), with s² = max(RSS_min/(n − p), noise_var) and p the free
+    constants + 1. The ends are found by Brent between grid points; a region reaching the low end of the search
+    range gives lo = 0, the high end hi = ∞ (the runs do not bound R_D* that way). The hull of the region: a
+    profile with two dips keeps both."""
+    dof = n_runs - n_constants - 1
+    residual_var = rss_min / dof if dof > 0 else 0.0
+    s2 = max(residual_var, noise_var)
+    if s2 <= 0:
+        return 0.0, np.inf, f"none: no residual degrees of freedom ({n_runs} runs, {n_constants + 1} constants)"
+    if residual_var >= noise_var:
+        critical, test = f_dist.ppf(level, 1, dof), f"profile F(1, {dof})"
+    else:
+        critical, test = chi2.ppf(level, 1), "profile χ²(1) with the runs' standard errors"
+    inside = np.flatnonzero((profile.rss - rss_min) / s2 <= critical)
+
+    def end(i, outside):
+        def excess(r):
+            return (fit_at(r, profile.free[i])[1] - rss_min) / s2 - critical
+        return float(np.exp(brentq(excess, profile.rho[i], profile.rho[outside], xtol=1e-4)))
+
+    first, last = inside[0], inside[-1]
+    lo = 0.0 if first == 0 else end(first, first - 1)
+    hi = np.inf if last == len(profile.rho) - 1 else end(last, last + 1)
+    return lo, hi, test
+
+
+def _bootstrap_weights(settings: list[np.ndarray], one_epoch: np.ndarray, draws: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """(draws, n) counts of each run in bootstrap draws: settings (runs of one N, U and D) drawn with replacement,
+    one-epoch and repeated settings apart so every draw has both, then each drawn setting's runs (its seeds)
+    likewise."""
+    counts = np.zeros((draws, len(one_epoch)))
+    strata = [[runs for runs in settings if one_epoch[runs[0]] == stratum] for stratum in (True, False)]
+    for draw in range(draws):
+        for pool in strata:
+            for k in rng.integers(len(pool), size=len(pool)):
+                np.add.at(counts[draw], rng.choice(pool[k], size=len(pool[k])), 1.0)
+    return counts
+
+
+def _bootstrap_interval(profile: Profile, form: _Form, log_n, unique, tokens, log_loss, settings, draws: int,
+                        rng: np.random.Generator, level: float) -> tuple[float, float]:
+    """Percentile interval of the profile's minimum over bootstrap draws of the runs (`_bootstrap_weights`),
+    each profiled on the grid warm-started from the full data's fits (to 1e-6 of the RSS: only the minimum's
+    place is needed); an end at the search range's end is open (0 or ∞)."""
+    weights = _bootstrap_weights(settings, tokens <= unique, draws, rng)
+    log_d = np.log(effective_data(unique, tokens, np.exp(profile.rho)[:, None]))
+    grid = len(profile.rho)
+    _, rss = _lm(np.tile(profile.free, (draws, 1)), form, log_n, np.tile(log_d, (draws, 1)), log_loss,
+                 weights=np.repeat(weights, grid, axis=0), tolerance=1e-6, iterations=100)
+    minima = rss.reshape(draws, grid).argmin(axis=1)
+    lo, hi = np.quantile(minima, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return (0.0 if lo == 0 else float(np.exp(profile.rho[lo])),
+            np.inf if hi == grid - 1 else float(np.exp(profile.rho[hi])))
+
+
+def degenerate_constants(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> str:
+    """Why fitted constants are no result, or "": a term of the law (E, A/N^α, B/D'^β) below 1% of the loss in
+    every run (collapsed: the runs do not determine it, e.g. A ≈ 1e-164), or an exponent outside EXPONENT_RANGE."""
+    e, a, b, alpha, beta = theta
+    z = np.array([np.full_like(log_n, e), a - alpha * log_n, b - beta * log_d])
+    share = np.exp(z - z.max(axis=0))
+    share /= share.sum(axis=0)
+    flags = [f"{name} collapsed ({name} ≈ {value:.2g}, under 1% of every run's loss)"
+             for name, value, part in zip("EAB", np.exp([e, a, b]), share)
+             if part.max() < 0.01]
+    flags += [f"{name} = {value:.3g} outside {EXPONENT_RANGE[0]}-{EXPONENT_RANGE[1]}"
+              for name, value in (("α", alpha), ("β", beta)) if not EXPONENT_RANGE[0] <= value <= EXPONENT_RANGE[1]]
+    return "; ".join(flags)
 
 
 def _check_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -152,7 +318,8 @@ def _check_frame(frame: pd.DataFrame) -> pd.DataFrame:
     missing = [name for name in COLUMNS if name not in frame.columns]
     if missing:
         raise UserError(f"fit_repetition needs columns {', '.join(COLUMNS)}; missing: {', '.join(missing)}")
-    runs = frame.loc[frame["loss"].notna(), list(COLUMNS)]
+    extra = [name for name in ("loss_se", "run_id") if name in frame.columns]
+    runs = frame.loc[frame["loss"].notna(), list(COLUMNS) + extra]
     numbers = runs[list(COLUMNS[1:])].astype(float)
     if not np.isfinite(numbers.to_numpy()).all() or (numbers <= 0).any().any():
         raise UserError("fit_repetition needs finite, positive params, unique_tokens, tokens and loss in every run")
@@ -160,68 +327,95 @@ def _check_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def _fit_arm(runs: pd.DataFrame, bootstrap: int, rng: np.random.Generator) -> dict:
-    """Both stages of the fit for one arm, the bootstrap interval of R_D*, and the fit's R² on loss."""
+def _status(lo: float, hi: float) -> str:
+    """"identified" when the interval is closed, else what the runs do bound."""
+    if lo > 0 and hi < np.inf:
+        return "identified"
+    if lo > 0:
+        return f"not identified: R_D* > {lo:.3g}"
+    if hi < np.inf:
+        return f"not identified: R_D* < {hi:.3g}"
+    return "not identified: the profile is flat over the whole search range"
+
+
+def _fit_arm(runs: pd.DataFrame, level: float, bootstrap: int, rng: np.random.Generator) -> dict:
+    """The profile fit of one arm: R_D* with its interval and status, the constants at the profile's minimum
+    (blanked when degenerate), R² on loss, and what the fit stood on."""
     log_n, log_loss = np.log(runs["params"].to_numpy()), np.log(runs["loss"].to_numpy())
     unique, tokens = runs["unique_tokens"].to_numpy(), runs["tokens"].to_numpy()
-    one_epoch = np.flatnonzero(tokens <= unique)
-    repeated = np.flatnonzero(tokens > unique)
-    row = {"n_runs": len(runs), "n_one_epoch": len(one_epoch), "max_epochs": float((tokens / unique).max()),
+    one_epoch = tokens <= unique
+    noise_var = float(np.mean((runs["loss_se"].fillna(0.0) / runs["loss"]) ** 2)) if "loss_se" in runs else 0.0
+    row = {"n_runs": len(runs), "n_one_epoch": int(one_epoch.sum()), "max_epochs": float((tokens / unique).max()),
            "params_min": runs["params"].min(), "params_max": runs["params"].max(),
-           "tokens_min": tokens.min(), "tokens_max": tokens.max()}
+           "tokens_min": tokens.min(), "tokens_max": tokens.max(),
+           "runs": ", ".join(runs["run_id"]) if "run_id" in runs else ""}
     form = _choose_form(log_n[one_epoch], np.log(tokens[one_epoch]))
-    nan = dict.fromkeys(("R_D_star", "R_D_star_lo", "R_D_star_hi", "r2", "E", "A", "B", "alpha", "beta"), np.nan)
     if form is None:
-        return {**nan, **row, "at_bound": False, "method": "none: no one-epoch runs"}
+        return {**row, **dict.fromkeys(("R_D_star", "R_D_star_lo", "R_D_star_hi", "r2", *CONSTANTS), np.nan),
+                "at_bound": False, "identified": False, "status": "not fitted: no one-epoch runs", "interval": "",
+                "degenerate": "", "method": "none"}
+    if one_epoch.all():
+        log_d = np.log(tokens)
+        fitted, rss = _lm(_grid_starts(form, log_n, log_d, log_loss), form, log_n, log_d, log_loss)
+        free = fitted[rss.argmin()]
+        r_star, lo, hi, at_bound, interval = np.nan, np.nan, np.nan, False, ""
+        status = "no repeated data: R_D* not determined"
+    else:
+        profile = profile_r_star(form, log_n, unique, tokens, log_loss)
 
-    def fit(sample_one, sample_all, starts=None):
-        free = _fit_constants(form, log_n[sample_one], np.log(tokens[sample_one]), log_loss[sample_one], starts)
-        theta = form.M @ free + form.c
-        r_star = _fit_r_star(theta, log_n[sample_all], unique[sample_all], tokens[sample_all], log_loss[sample_all])
-        return free, theta, r_star
+        def fit_at(rho, start):
+            return _fit_at(rho, start, form, log_n, unique, tokens, log_loss)
 
-    free, theta, r_star = fit(one_epoch, np.arange(len(runs)))
-    lo = hi = np.nan
-    if len(repeated) == 0:
-        r_star = np.nan  # nothing was repeated: R_D* is not determined
-    elif bootstrap > 0:
-        draws = []
-        for _ in range(bootstrap):  # resample one-epoch and repeated runs apart, so each draw has both; warm start
-            sample_one = rng.choice(one_epoch, len(one_epoch))
-            sample_all = np.concatenate([sample_one, rng.choice(repeated, len(repeated))])
-            draws.append(fit(sample_one, sample_all, starts=[free])[2])
-        lo, hi = np.percentile(draws, [2.5, 97.5])
-    data = effective_data(unique, tokens, r_star) if len(repeated) else tokens
-    predicted = np.exp(_log_law(theta, log_n, np.log(data)))
-    loss = np.exp(log_loss)
+        rho, free, rss_min = _minimum(profile, fit_at)
+        r_star, at_bound = float(np.exp(rho)), bool(rho in (profile.rho[0], profile.rho[-1]))
+        lo, hi, interval = _profile_interval(profile.with_point(rho, free, rss_min), fit_at, rss_min, len(runs),
+                                             form.M.shape[1], noise_var, level)
+        if bootstrap > 0:
+            settings = list(runs.groupby(["params", "unique_tokens", "tokens"]).indices.values())
+            boot_lo, boot_hi = _bootstrap_interval(profile, form, log_n, unique, tokens, log_loss, settings,
+                                                   bootstrap, rng, level)
+            lo, hi = min(lo, boot_lo), max(hi, boot_hi)
+            interval += f" ∪ bootstrap over runs and seeds ({bootstrap} draws)"
+        log_d = np.log(effective_data(unique, tokens, r_star))
+        status = _status(lo, hi)
+    theta = form.M @ free + form.c
+    loss, predicted = np.exp(log_loss), np.exp(_log_law(theta, log_n, log_d))
     r2 = 1.0 - ((loss - predicted) ** 2).sum() / ((loss - loss.mean()) ** 2).sum() if len(runs) > 1 else np.nan
-    rho_range = np.log(R_STAR_RANGE)
-    at_bound = bool(np.isfinite(r_star) and np.min(np.abs(np.log(r_star) - rho_range)) < 1e-3)
-    E, A, B = np.exp(theta[:3])
-    return {**row, "R_D_star": r_star, "R_D_star_lo": lo, "R_D_star_hi": hi, "at_bound": at_bound, "r2": r2,
-            "E": E, "A": A, "B": B, "alpha": theta[3], "beta": theta[4], "method": form.name}
+    degenerate = degenerate_constants(theta, log_n, log_d) if form.name != "c4-scaled" else ""
+    constants = dict(zip(CONSTANTS, [*np.exp(theta[:3]), *theta[3:]]))
+    if degenerate:
+        constants = dict.fromkeys(CONSTANTS, np.nan)
+    return {**row, "R_D_star": r_star, "R_D_star_lo": lo, "R_D_star_hi": hi, "at_bound": at_bound,
+            "identified": status == "identified", "status": status, "interval": interval, "r2": r2, **constants,
+            "degenerate": degenerate, "method": form.name}
 
 
-def fit_repetition(frame: pd.DataFrame, *, bootstrap: int = 200, seed: int = 0) -> pd.DataFrame:
+def fit_repetition(frame: pd.DataFrame, *, level: float = LEVEL, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
     """Fit the data-constrained law per arm from one row per run (arm, params [non-embedding], unique_tokens,
-    tokens [total trained], loss [validation]); rows without a loss are skipped (partial studies).
+    tokens [total trained], loss [validation]; optional loss_se [its standard error] and run_id); rows without
+    a loss are skipped (partial studies).
 
-    Stage 1 fits E, A, B, α, β on the one-epoch runs (tokens <= unique_tokens), falling back to fewer free
-    constants when those runs cannot determine all five (column `method`: full, tied-exponents, c4-exponents,
-    c4-scaled; see `FORMS`). Stage 2 fits R_D* on all runs with those frozen, in log space over R_STAR_RANGE
-    (`at_bound` says it hit an end; NaN when no run repeated data). R_D_star_lo/hi: 95% bootstrap percentile
-    interval over runs (resampled within one-epoch and repeated runs). `r2`: R² of the fitted law on loss (not
-    log loss) over all the arm's runs. Also n_one_epoch, max_epochs and the runs' params/tokens ranges.
+    R_D* by profile likelihood: at each R* of a log grid over R_STAR_RANGE the other constants are fitted to
+    every run (least squares on log loss, the Gaussian likelihood of a multiplicative noise); the estimate is the
+    profile's minimum and the `level` interval the R* that the profile F test does not reject. With
+    `bootstrap` > 0 the interval also spans the percentile interval of the minimum over that many draws of the
+    runs (settings, and seeds within them; seeded by `seed`, so the same runs give the same numbers). An
+    interval reaching an end of the search range is open (lo = 0 or hi = ∞), and `status` then says "not
+    identified" with the bound the runs do give; `interval` names the tests. The single-epoch constants' form
+    (`method`: full, tied-exponents, c4-exponents, c4-scaled; see `FORMS`) is the richest the one-epoch runs
+    (tokens ≤ unique_tokens) determine. Constants that collapsed or left EXPONENT_RANGE are blanked and
+    `degenerate` says why. `r2`: R² on loss (not log loss); `runs`: the run ids the fit used (given run_id).
     """
+    if not 0 < level < 1:
+        raise UserError(f"fit_repetition needs 0 < level < 1, got {level}")
     runs = _check_frame(frame)
     if runs.empty:
         raise UserError("fit_repetition got no runs with a loss")
-    rows = []
-    for index, (arm, arm_runs) in enumerate(runs.groupby("arm", sort=True)):
-        rng = np.random.default_rng([seed, index])
-        rows.append({"arm": arm, **_fit_arm(arm_runs.reset_index(drop=True), bootstrap, rng)})
-    first = ["arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "at_bound", "r2", "n_runs", "n_one_epoch", "max_epochs",
-             "E", "A", "B", "alpha", "beta", "method"]
+    rows = [{"arm": arm, **_fit_arm(arm_runs.reset_index(drop=True), level, bootstrap,
+                                     np.random.default_rng([seed, index]))}
+            for index, (arm, arm_runs) in enumerate(runs.groupby("arm", sort=True))]
+    first = ["arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "identified", "status", "at_bound", "r2", "n_runs",
+             "n_one_epoch", "max_epochs", *CONSTANTS, "degenerate", "method", "interval"]
     return pd.DataFrame(rows)[first + [key for key in rows[0] if key not in first]]
 
 

@@ -15,15 +15,18 @@ import markdown
 import pandas as pd
 
 from dlmstudy.analysis import claims as claims_mod
-from dlmstudy.analysis import figures
+from dlmstudy.analysis import figures, scaling
 from dlmstudy.analysis.frames import StudyFrames, load_study
+from dlmstudy.analysis.noise import ASSUMED_SEED_SD
 
 RUN_COLUMNS = {
     "run_id": "run", "arm": "arm", "size": "size", "params_total": "params (total)",
     "params_non_embedding": "params (non-emb.)",
     "unique_tokens": "unique tokens", "epochs": "epochs", "tokens": "tokens seen", "flops": "FLOPs (6·N·D)",
-    "final_val_loss": "final val. loss", "final_val_loss_stderr": "± MC s.e.", "best_val_loss": "best val. loss",
-    "val_loss_kind": "loss kind", "accuracy_forward": "acc. forward", "accuracy_reverse": "acc. reverse",
+    "learning_rate": "learning rate", "seed": "seed",
+    "final_val_loss": "final val. loss", "final_val_loss_stderr": "± MC s.e.", "final_val_set": "final on",
+    "best_val_loss": "best val. loss", "best_val_set": "best on", "val_loss_kind": "loss kind",
+    "accuracy_forward": "acc. forward", "accuracy_reverse": "acc. reverse",
     "wall_time_s": "wall time (s)", "train_tokens_per_s": "train tokens/s",
 }
 THROUGHPUT_VALUES = ["tokens_per_s", "mfu", "peak_memory_gb"]
@@ -96,46 +99,97 @@ def _setup(spec: dict) -> list[str]:
             "biases). Parameter counts are given with and without embeddings."]
 
 
+def _fits_shown(fits: pd.DataFrame) -> pd.DataFrame:
+    """The fits table as a reviewer reads it: R_D* as its interval or the bound it has, never a degenerate
+    constant (those are blank, with the flag saying why)."""
+    shown = fits.assign(**{"R_D*": [claims_mod.interval_text(r, lo, hi, lo <= 0) for r, lo, hi in
+                                    zip(fits["R_D_star"], fits["R_D_star_lo"], fits["R_D_star_hi"])],
+                           "usable epochs": [claims_mod.interval_text(u, lo, hi, r_lo <= 0) for u, lo, hi, r_lo in
+                                             zip(fits["usable_epochs"], fits["usable_epochs_lo"],
+                                                 fits["usable_epochs_hi"], fits["R_D_star_lo"])]})
+    cols = ["arm", "R_D*", "status", "usable epochs", "r2", "n_runs", "n_one_epoch", "max_epochs", "method",
+            "interval", "E", "A", "B", "alpha", "beta", "degenerate"]
+    return shown[cols]
+
+
+def _noise_lines(result: claims_mod.Claims) -> list[str]:
+    """What the noise floor is: measured from replicates, or assumed (and what that caps)."""
+    measured = result.noise[result.noise["dof"] > 0] if len(result.noise) else result.noise
+    if measured.empty:
+        return [f"No setting was run with several seeds, so the seed-to-seed noise is not measured: an assumed "
+                f"{ASSUMED_SEED_SD} nats/token standard deviation stands in for it, and no verdict can be stronger "
+                "than \"suggested\"."]
+    return ["Seed-to-seed standard deviation pooled over the replicated cells (cells: arm × size × U × tokens × "
+            "learning rate); a cell's standard error combines it with the ELBO's Monte-Carlo error. Single-seed "
+            "settings use it too, but alone they can at most \"suggest\"."]
+
+
+def _learning_rate_lines(runs: pd.DataFrame) -> list[str]:
+    """A caveat when every arm trained at one learning rate: it was tuned for neither objective."""
+    rates = runs["learning_rate"].dropna().unique() if "learning_rate" in runs else []
+    if len(rates) != 1 or runs["arm"].nunique() < 2:
+        return []
+    return [f"- Every arm and size trained at one learning rate ({rates[0]:g}), tuned for none of them: an "
+            "arm's losses may reflect the rate as much as the objective (a `tune:` sweep picks one per arm and "
+            "size)."]
+
+
 def _claims_section(report: Report, result: claims_mod.Claims, runs: pd.DataFrame) -> None:
     report.add("## What this study does and does not show: the data-constrained claims")
-    shown = result.table[["claim", "paper", "verdict", "this study", "why", "caveat"]]
+    shown = result.table[["claim", "diffusion", "ar", "verdict", "decisive", "reason", "caveat"]]
     report.table(result.table, "claims", shown)
-    floor = claims_mod.NOISE_FLOOR
     report.add(
         "How to read this table:", "",
+        "- One row per claim and comparison (diffusion arm, AR arm). **Verdicts** (rules in `docs/report.md`): "
+        "*supported* needs replicated evidence beyond the measured noise in at least two settings; *suggested* "
+        "points the same way from a single seed or one setting; *inconclusive* is within the noise or tests "
+        "disagree; *not testable* means the grid cannot decide (the reason says why).",
         "- **Loss levels are not comparable across arms**: diffusion losses are ELBO upper bounds on the NLL, AR "
-        "losses exact NLL. Claims (a) and (b) use changes within an arm only; claim (c) compares levels and is "
-        "therefore conservative toward diffusion (diffusion ahead is real, AR ahead may be the bound's slack).",
-        f"- Noise: a loss difference counts only beyond 1.96 standard errors (the Monte-Carlo error of the ELBO, "
-        f"`final_val_loss_stderr`, and the spread over seeds where a setting has several) and, for single-seed "
-        f"settings, beyond {floor} nats/token (seed-to-seed variation, which one seed cannot measure). Accuracies "
-        "use Wilson 95% intervals and Newcombe's interval for the difference between arms.",
+        "losses exact NLL. Claims (a) and (b) use changes within an arm only (effective data, fits); claim (c) "
+        "compares levels and is therefore conservative toward diffusion.",
+        "- Every loss in a claim is a final validation loss, all on one validation set (see *Runs*); diverged runs "
+        "are in none of them.",
+        *_learning_rate_lines(runs),
         f"- The claims separate the arms only beyond {claims_mod.DISCRIMINATING_EPOCHS:.3g} epochs, where AR's law "
         "(R_D\\* = 15) values repeated data below 90% of fresh; the paper's critical compute is "
-        "C_crit(U) = 2.12e15·(U/1e6)^2.174 FLOPs, with C = 6·N·D here (N non-embedding parameters).",
-        "- A claim's verdict combines its tests: supported or contradicted when at least one test says so and none "
-        "says the opposite; tests that disagree give inconclusive. Details: `docs/report.md`.")
+        "C_crit(U) = 2.12e15·(U/1e6)^2.174 FLOPs, with C = 6·N·D here (N non-embedding parameters).")
+    if len(result.noise):
+        report.add("### Noise from replicates", *_noise_lines(result))
+        if result.noise["dof"].gt(0).any():
+            report.table(result.noise, "seed_noise")
     if len(result.evidence):
         report.add("### Evidence per test")
         report.table(result.evidence, "claims_evidence",
-                     result.evidence[["claim", "test", "arms", "verdict", "numbers", "reason"]])
+                     result.evidence[["claim", "diffusion", "ar", "test", "verdict", "decisive", "reason"]])
+    if len(result.effective):
+        report.add("### Effective data: what repeated tokens were worth",
+                   "D_eq/D per repeated-data cell: the fresh tokens D_eq at which the arm's own one-epoch curve "
+                   "(same size) reaches the cell's loss, over the tokens D it trained on, with its 95% interval "
+                   "(every loss drawn from its noise). '> x' / '< x': the loss lies beyond the curve's ends, a "
+                   "bound only. The last two columns are what the papers' R_D\\* (15 and 500) would give.")
+        shown = result.effective.assign(**{"95%": [claims_mod.ratio_text("", lo, hi).strip() or "beyond the curve"
+                                                   for lo, hi in zip(result.effective["lo"], result.effective["hi"])]})
+        cols = ["arm", "size", "unique_tokens", "tokens", "epochs", "loss", "D_eq/D (reads)", "95%", "n_seeds",
+                "expected at R_D* = 15", "expected at R_D* = 500", "one-epoch curve (tokens)"]
+        report.table(result.effective, "effective_data", shown[cols].rename(columns={"D_eq/D (reads)": "D_eq/D"}))
     if len(result.fits):
         report.add("### Fit of the data-constrained law (Muennighoff et al.)",
-                   "Per arm: R_D\\* with its 95% interval (bootstrap over runs, widened to cover refits with repeated "
-                   "runs' losses moved by ±1.96 MC standard errors), usable epochs (repeated data worth ≥ 90% of "
-                   "fresh), R² on loss, and the fitted single-epoch constants.")
-        cols = ["arm", "R_D_star", "R_D_star_lo", "R_D_star_hi", "usable_epochs", "usable_epochs_lo",
-                "usable_epochs_hi", "r2", "n_runs", "n_one_epoch", "max_epochs", "method", "E", "A", "B", "alpha",
-                "beta"]
-        report.table(result.fits, "fits", result.fits[[c for c in cols if c in result.fits]])
+                   "Per arm: R_D\\* from its profile likelihood (the other constants refitted at every R\\*) with "
+                   f"its {scaling.LEVEL:.0%} interval, or the bound the runs give when they cannot bound it both "
+                   "ways (not identified); usable epochs (repeated data worth ≥ 90% of fresh); R² on loss; the "
+                   "fitted constants, blank where they are degenerate (the flag says why).")
+        report.table(result.fits, "fits", _fits_shown(result.fits))
+        report.add("Runs each fit used:", "", *[f"- {row.arm}: {row.runs}" for row in result.fits.itertuples()])
     elif len(runs):
         reasons = claims_mod.fit_readiness(runs)
         report.add("### Fit of the data-constrained law", "Not fitted: " + "; ".join(
             f"{arm}: {reason or 'ready, but no fit was made'}" for arm, reason in reasons.items()) + ".")
     if len(result.penalties):
-        report.add("### Repetition at equal total tokens",
-                   "Loss change when a token budget is spent on repeated instead of fresh data (within each arm).")
-        report.table(result.penalties, "repetition", result.penalties.drop(columns=["se", "floor"]))
+        report.add("### Repetition at equal total tokens (context)",
+                   "Loss change in nats when a token budget is spent on repeated instead of fresh data (within each "
+                   "arm). Context only: claim (a) compares effective data, not nats, since the arms' losses fall "
+                   "at different rates with data.")
+        report.table(result.penalties, "repetition")
     if len(result.gaps):
         report.add("### Arms at matched settings", "Diffusion ELBO minus AR NLL at the same size, U and tokens "
                    "(negative: diffusion ahead, which the ELBO bound makes conservative).")
@@ -147,6 +201,32 @@ def _claims_section(report: Report, result: claims_mod.Claims, runs: pd.DataFram
     if len(result.reversal):
         report.add("### Question answering per run and direction")
         report.table(result.reversal, "qa_accuracy")
+
+
+def _diverged_section(report: Report, diverged: pd.DataFrame) -> None:
+    """Diverged runs under their own heading, with the step and the reason; they are in no number above."""
+    report.add("## Diverged runs", "These runs blew up during training. They are in no cell, fit, frontier, "
+               "figure or claim; their settings count as not run.")
+    cols = {"run_id": "run", "arm": "arm", "size": "size", "unique_tokens": "unique tokens", "epochs": "epochs",
+            "learning_rate": "learning rate", "diverged_step": "step", "diverged_reason": "reason",
+            "best_val_loss": "best val. loss before", "best_val_set": "best on"}
+    report.table(diverged, "diverged", diverged[[c for c in cols if c in diverged]].rename(columns=cols))
+
+
+def _tune_section(report: Report, tune: pd.DataFrame) -> None:
+    """The learning-rate sweeps: each candidate's final loss and the winner per arm and size."""
+    tune = tune.assign(winner=False)
+    healthy = tune[~tune["diverged"]].dropna(subset=["final_val_loss"])
+    for _, group in healthy.groupby(["arm", "size"]):
+        tune.loc[group.sort_values(["final_val_loss", "learning_rate"]).index[0], "winner"] = True
+    cols = {"arm": "arm", "size": "size", "learning_rate": "learning rate", "tokens": "tokens",
+            "final_val_loss": "final val. loss", "final_val_set": "on", "diverged": "diverged",
+            "diverged_step": "diverged at step", "winner": "winner", "run_id": "run"}
+    tune = tune.sort_values(["arm", "size", "learning_rate"])
+    report.add("## Learning-rate sweeps", "Per arm and size, each candidate learning rate on a fraction of the "
+               "tokens; the study's runs of that arm and size use the winner (lowest final validation loss; a "
+               "diverged candidate never wins). Sweep runs are in no number of the claims.")
+    report.table(tune, "tune", tune[[c for c in cols if c in tune]].rename(columns=cols))
 
 
 def _throughput(bench: pd.DataFrame) -> pd.DataFrame:
@@ -165,27 +245,35 @@ def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: in
     runs = frames.runs
     report.add(f"# Study report: {frames.name}",
                f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from `{study_folder}` "
-               f"({len(runs)} finished runs, {len(frames.missing)} missing). Rebuild with "
+               f"({len(runs)} finished runs{f', {len(frames.diverged)} diverged' if len(frames.diverged) else ''}, "
+               f"{len(frames.missing)} missing). Rebuild with "
                f"`dlmstudy report {study_folder}`; nothing is retrained.")
     if frames.spec:
         report.add("## Set-up", *_setup(frames.spec))
-    result = claims_mod.judge_claims(runs, frames.qa, bootstrap=bootstrap)
+    result = claims_mod.judge_claims(runs, frames.qa, spec=frames.spec, bootstrap=bootstrap)
     _claims_section(report, result, runs)
     if len(runs):
-        report.add("## Runs")
+        report.add("## Runs", "Finished runs that did not diverge. `final on` / `best on`: the validation sequences "
+                   "each number scored; \"best\" is the lowest loss over evaluations on one set.")
         report.table(runs, "runs", runs[[c for c in RUN_COLUMNS if c in runs]].rename(columns=RUN_COLUMNS))
+    if len(frames.diverged):
+        _diverged_section(report, frames.diverged)
+    if len(frames.tune):
+        _tune_section(report, frames.tune)
     if len(frames.missing):
         report.add("## Missing runs", "Planned or started but without a result (run the study again to finish them); "
                    "the tables and claims above use the finished runs only.")
         report.table(frames.missing_runs, "missing")
 
     fig_dir = out / "figures"
+    scalars = (frames.scalars[frames.scalars["run_id"].isin(runs["run_id"])] if len(runs) and len(frames.scalars)
+               else pd.DataFrame())
     figs = [
         ("Validation loss against tokens seen",
-         figures.loss_vs_tokens(frames.scalars, fig_dir / "loss_vs_tokens.png"), ""),
+         figures.loss_vs_tokens(scalars, fig_dir / "loss_vs_tokens.png"), ""),
         ("Final and best validation loss against epochs", figures.loss_vs_epochs(runs, fig_dir / "loss_vs_epochs.png"),
          "Stars mark each AR line's lowest loss."),
-        ("Best validation loss against training compute", figures.loss_vs_flops(runs, fig_dir / "loss_vs_flops.png"),
+        ("Final validation loss against training compute", figures.loss_vs_flops(runs, fig_dir / "loss_vs_flops.png"),
          "C = 6·N·D with N the non-embedding parameters (neither embedding nor output head) and D the tokens trained "
          "on; lines are each arm's Pareto frontier."),
         ("Final validation loss over model size and epochs",
