@@ -131,6 +131,14 @@ def cmd_params(a: argparse.Namespace) -> None:
     print(json.dumps(counts.as_dict(), indent=2) if a.json else format_counts(counts))
 
 
+def cmd_init_model(a: argparse.Namespace) -> None:
+    from dlmstudy.runners.init_model import init_model
+
+    out = init_model(a.config, a.out, dtype=a.dtype, shard_size=a.shard_size, device=a.device, seed=a.seed,
+                     tokenizer=a.tokenizer)
+    print(f"model folder: {out} (random weights: for loading, memory and speed, not quality)")
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from dlmstudy.runners.bench import format_records, run_bench, write_records
 
@@ -271,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="config.json")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("init-model", help="write a model folder with a real config and random weights "
+                       "(safetensors shards), to smoke-test a machine before downloading weights")
+    s.add_argument("--config", required=True,
+                   help="llada-8b, qwen2.5-7b (shipped configs) or a LLaDA, Qwen2 or Llama config.json")
+    s.add_argument("--out", required=True, help="new folder to write")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype (default bf16)")
+    s.add_argument("--shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"],
+                   help="where the random weights are drawn (default: an accelerator if there is one)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="tokenizer folder to include (default: a byte-level tokenizer with the "
+                   "config's special ids)")
+    s.set_defaults(func=cmd_init_model)
 
     s = sub.add_parser("bench", help="training and sampling throughput (tokens/s, step time, MFU, memory) of the arms")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])

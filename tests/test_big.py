@@ -1,0 +1,168 @@
+"""The tutorial at its real size, checked at tiny shapes: random-weight model folders (`dlmstudy init-model`), LoRA
+SFT with a bf16 frozen base, gradient checkpointing and resume, `bench --measure sft` and its FLOPs, merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dlmstudy.cli import main
+from dlmstudy.data.tokenizer import byte_tokenizer
+from dlmstudy.errors import UserError
+from dlmstudy.models.checkpoints import load_pretrained, save_checkpoint
+from dlmstudy.models.params import describe_config
+from dlmstudy.models.random_init import (
+    folder_tensors,
+    model_config_path,
+    parse_size,
+    plan_shards,
+    random_model,
+)
+from dlmstudy.runners.init_model import init_model
+
+# Tiny configs in the two real layouts; 320 ids leave room for a byte-level tokenizer (256 bytes + specials).
+TINY_LLADA = {
+    "model_type": "llada", "architectures": ["LLaDAModelLM"], "activation_type": "silu", "block_type": "llama",
+    "layer_norm_type": "rms", "rope": True, "alibi": False, "include_bias": False, "include_qkv_bias": False,
+    "residual_dropout": 0.0, "embedding_dropout": 0.0, "attention_dropout": 0.0, "d_model": 32, "n_layers": 2,
+    "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 48, "vocab_size": 320, "embedding_size": 320,
+    "max_sequence_length": 256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "weight_tying": False, "init_std": 0.02,
+    "eos_token_id": 300, "pad_token_id": 300, "mask_token_id": 310,
+}
+TINY_QWEN = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 32,
+    "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 256, "max_window_layers": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "sliding_window": 256, "use_sliding_window": False, "tie_word_embeddings": False, "initializer_range": 0.02,
+    "bos_token_id": 300, "eos_token_id": 300, "vocab_size": 320, "torch_dtype": "bfloat16", "use_cache": True,
+}
+IDS = [[5, 17, 42, 300, 8, 23, 99, 7]]
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def write_config(folder: Path, raw: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out |= {k: f.get_tensor(k) for k in f.keys()}
+    return out
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float()
+
+
+# ---------------------------------------------------------------- 1. random-weight folders
+
+
+def test_llada_folder_is_sharded_in_the_original_layout_and_loads_as_written(tmp_path):
+    config = write_config(tmp_path / "cfg", TINY_LLADA)
+    folder = init_model(config, tmp_path / "llada", shard_size="20KB", device="cpu", progress=quiet)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(set(index["weight_map"].values()))
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert all((folder / s).stat().st_size <= 20_000 + 4096 for s in shards)  # a shard's tensors within the size
+    stored = shard_tensors(folder)
+    assert set(stored) == set(index["weight_map"]) and "model.transformer.blocks.1.ff_proj.weight" in stored
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in stored.values())
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert json.loads((folder / "config.json").read_text()) == TINY_LLADA  # the config as given
+
+    model, tokenizer, arm = load_pretrained(folder)
+    assert arm.name == "llada-mdm" and model.dtype == torch.bfloat16
+    assert tokenizer.mask_token_id == 310 and tokenizer.eos_token_id == 300 and tokenizer.chat_template
+    drawn, _ = random_model(config, device="cpu")
+    for name, tensor in drawn.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    matrices = [t for t in stored.values() if t.dim() == 2]
+    assert all(abs(float(t.float().std()) - 0.02) < 0.005 for t in matrices)
+    assert all(torch.equal(t, torch.ones_like(t)) for n, t in stored.items() if n.endswith("norm.weight"))
+
+
+def test_qwen_folder_loads_in_plain_transformers_and_round_trips(tmp_path):
+    config = write_config(tmp_path / "cfg", TINY_QWEN)
+    folder = init_model(config, tmp_path / "qwen", device="cpu", progress=quiet)
+    assert (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert plain.dtype == torch.bfloat16 and tokenizer.eos_token_id == 300
+    assert torch.count_nonzero(plain.model.layers[0].self_attn.q_proj.bias) == 0
+    ours, _, arm = load_pretrained(folder)
+    assert arm.name == "qwen-ar"
+    torch.testing.assert_close(logits(ours), logits(plain), rtol=0, atol=0)
+    save_checkpoint(tmp_path / "again", ours, tokenizer, arm)
+    again, _, _ = load_pretrained(tmp_path / "again")
+    torch.testing.assert_close(logits(again), logits(plain), rtol=0, atol=0)
+    text = "Héllo, 世界! <|im_end|>"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_shipped_8b_configs_have_the_real_shapes_and_plan_their_shards():
+    llada, qwen = model_config_path("llada-8b"), model_config_path("qwen2.5-7b")
+    raw = json.loads(llada.read_text())
+    assert (raw["d_model"], raw["n_layers"], raw["n_heads"], raw["mlp_hidden_size"], raw["vocab_size"],
+            raw["mask_token_id"]) == (4096, 32, 32, 12288, 126464, 126336)
+    assert describe_config(llada).total == 8_015_581_184
+    counts = describe_config(qwen)
+    assert (counts.total, counts.non_embedding) == (7_615_616_512, 6_525_621_760)
+    tensors = folder_tensors(raw)
+    assert len(tensors) == 32 * 9 + 3 and tensors[0] == ("model.transformer.wte.weight", (126464, 4096))
+    shards = plan_shards(tensors, 2, parse_size("5GB"))
+    sizes = [sum(torch.Size(s).numel() * 2 for _, s in shard) for shard in shards]
+    assert len(shards) == 4 and max(sizes) <= 5e9 and sum(sizes) == 2 * 8_015_581_184
+
+
+def test_byte_tokenizer_puts_special_tokens_at_the_configs_ids():
+    tok = byte_tokenizer(126464, eos_token_id=126081, pad_token_id=126081, mask_token_id=126336)
+    assert len(tok) == 126464 and (tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (126081, 126081, 126336)
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [126462, 126463]
+    ids = tok("déjà vu", add_special_tokens=False)["input_ids"]
+    assert len(ids) == len("déjà vu".encode()) and max(ids) < 256
+    with pytest.raises(UserError, match="distinct special ids"):
+        byte_tokenizer(320, eos_token_id=300, mask_token_id=300)
+    with pytest.raises(UserError, match="distinct special ids"):
+        byte_tokenizer(320, eos_token_id=100)
+
+
+def test_init_model_command_and_its_one_line_errors(tmp_path, capsys):
+    config = write_config(tmp_path / "cfg", TINY_QWEN)
+    assert main(["init-model", "--config", str(config), "--out", str(tmp_path / "m"), "--device", "cpu",
+                 "--dtype", "fp32"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").dtype == torch.float32
+    assert "random weights" in capsys.readouterr().out
+    for args, message in (
+        (["--config", str(config), "--out", str(tmp_path / "m")], "exists and is not empty"),
+        (["--config", "llada-80b", "--out", str(tmp_path / "x")], "llada-8b, qwen2.5-7b"),
+        (["--config", str(config), "--out", str(tmp_path / "x"), "--shard_size", "5 parsecs"], "shard size"),
+        (["--config", str(config), "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "m2")],
+         "not a loadable tokenizer"),
+    ):
+        assert main(["init-model", *args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_a_tokenizer_with_more_ids_than_rows_is_refused(tmp_path):
+    big = init_model(write_config(tmp_path / "cfg", TINY_QWEN), tmp_path / "big", device="cpu", progress=quiet)
+    small = write_config(tmp_path / "small", {**TINY_QWEN, "vocab_size": 300, "bos_token_id": 290, "eos_token_id": 290})
+    with pytest.raises(UserError, match="321 ids do not fit the model's 300 embedding rows"):
+        init_model(small, tmp_path / "out", tokenizer=big, device="cpu", progress=quiet)
+    assert not (tmp_path / "out").exists()
