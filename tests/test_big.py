@@ -166,3 +166,165 @@ def test_a_tokenizer_with_more_ids_than_rows_is_refused(tmp_path):
     with pytest.raises(UserError, match="321 ids do not fit the model's 300 embedding rows"):
         init_model(small, tmp_path / "out", tokenizer=big, device="cpu", progress=quiet)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 2. LoRA SFT: bf16 frozen base, checkpointing, resume
+
+ROWS = [{"instruction": f"Name colour number {i}.", "input": "", "output": f"Colour {i} is {c}."}
+        for i, c in enumerate(["red", "blue", "green", "teal", "gold", "grey", "pink", "plum", "jade", "ruby"])]
+
+
+def lora_base(tmp_path: Path, **config) -> torch.nn.Module:
+    model, _ = random_model(write_config(tmp_path / "cfg", {**TINY_LLADA, **config}), dtype=torch.bfloat16)
+    return model
+
+
+def sft_features(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 256, (12 + i % 3,), generator=g).tolist(), "prompt_len": 4, "index": i}
+            for i in range(n)]
+
+
+def lora_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    from dlmstudy.training.registry import build_objective
+
+    objective = build_objective("mdm", seed=0, fast_head=True, mask_id=310)
+    torch.manual_seed(0)  # the adapters' dropout
+    loss, _ = objective(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def checkpointed(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(tmp_path):
+    from dlmstudy.data.sft import SFTCollator
+    from dlmstudy.training.lora import apply_lora, enable_gradient_checkpointing
+
+    model = apply_lora(lora_base(tmp_path), r=4, lora_alpha=8, lora_dropout=0.2).train()
+    with torch.no_grad():  # B starts at zero, which leaves A without a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    batch = SFTCollator(300)(sft_features(2))
+    plain = lora_grads(model, batch)
+    enable_gradient_checkpointing(model)
+    assert checkpointed(model)
+    again = lora_grads(model, batch)
+    assert again[0] == plain[0]
+    assert set(again[1]) == set(plain[1]) and all(g.abs().sum() > 0 for g in plain[1].values())
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(again[1][name], grad, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_trainers_gradient_checkpointing_trains_the_same_adapters(tmp_path):
+    """`sft.gradient_checkpointing: true` reaches TrainingArguments; with the SFT runner's non-reentrant setting the
+    Trainer trains the LoRA adapters exactly as without (dropout masks replayed in the recomputation)."""
+    from transformers import TrainingArguments
+
+    from dlmstudy.data.sft import SFTCollator
+    from dlmstudy.training.lora import apply_lora
+    from dlmstudy.training.registry import build_objective
+    from dlmstudy.training.trainer import DLMTrainer
+
+    trained = []
+    for on in (False, True):
+        model = apply_lora(lora_base(tmp_path / str(on)), r=4, lora_alpha=8, lora_dropout=0.2, seed=0)
+        args = TrainingArguments(output_dir=str(tmp_path / f"out{on}"), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, report_to="none",
+                                 use_cpu=True, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+                                 remove_unused_columns=False, gradient_checkpointing=on,
+                                 gradient_checkpointing_kwargs={"use_reentrant": False} if on else None)
+        trainer = DLMTrainer(model=model, args=args, train_dataset=sft_features(8), data_collator=SFTCollator(300),
+                             objective=build_objective("mdm", seed=0, fast_head=True, mask_id=310),
+                             tokens_per_step=64)
+        trainer.train()
+        assert checkpointed(model) == on
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        trained.append((losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert trained[1][0] == trained[0][0] and len(trained[0][0]) == 2
+    for name, weight in trained[0][1].items():
+        torch.testing.assert_close(trained[1][1][name], weight, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def sft_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny bf16 LLaDA folder from init-model and ten Alpaca rows."""
+    root = tmp_path_factory.mktemp("sft")
+    base = init_model(write_config(root / "cfg", TINY_LLADA), root / "base", device="cpu", progress=quiet)
+    rows = root / "alpaca.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return base, rows
+
+
+def sft_spec(root: Path, base: Path, rows: Path):
+    from dlmstudy.study.spec import parse_spec
+
+    return parse_spec({
+        "name": "big", "seed": 0, "device": "cpu", "runs_dir": str(root / "runs"), "reports_dir": str(root / "rep"),
+        "tracking": {"report_to": "none"}, "tokenizer": {"kind": "bpe", "vocab_size": 300},
+        "data": {"pretrain": {"source": "builtin:biographies", "people": 20}, "validation_tokens": 128,
+                 "max_length": 16},
+        "arms": ["llada"], "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2},
+        "grid": {"unique_people": [10], "total_tokens": 256},
+        "sft": {"source": f"{rows}[train:8,test:2]", "base": {"llada": str(base)}, "epochs": [2], "max_length": 96,
+                "validation_rows": 2, "lora": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+                "learning_rate": 1e-2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                "gradient_checkpointing": True},
+        "evaluation": {"mc_num": 1, "qa_people": 2, "steps": 2, "gen_length": 2, "block_length": 2, "batch_size": 2},
+    })
+
+
+def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_sft_run_keeps_the_base_bf16_checkpoints_adapters_and_resumes(tmp_path, sft_inputs, monkeypatch):
+    from dlmstudy.runners import queue, sft
+    from dlmstudy.runners.run import Interrupted, StopOnSignal
+
+    base, rows = sft_inputs
+    real_fit, seen = sft.fit, {}
+
+    def watched_fit(model, **kwargs):
+        seen["frozen"] = {p.dtype for p in model.parameters() if not p.requires_grad}
+        seen["trainable"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        out = real_fit(model, **kwargs)
+        seen["checkpointed"] = checkpointed(model)
+        return out
+
+    monkeypatch.setattr(sft, "fit", watched_fit)
+    whole = queue.run_queue(sft_spec(tmp_path / "whole", base, rows), only=["stage=sft"], progress=quiet)
+    assert seen == {"frozen": {torch.bfloat16}, "trainable": {torch.float32}, "checkpointed": True}
+    run_dir = tmp_path / "whole" / "runs" / "big" / whole[0]["run_id"]
+    assert whole[0]["steps"] == 4 and whole[0]["tokens_per_step"] == 2 * 2 * 96
+
+    real_step_end = StopOnSignal.on_step_end
+
+    def stop_after_step_2(self, args, state, control, **kwargs):
+        self.requested = self.requested or state.global_step == 2
+        return real_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", stop_after_step_2)
+    spec = sft_spec(tmp_path / "killed", base, rows)
+    with pytest.raises(Interrupted):
+        queue.run_queue(spec, only=["stage=sft"], progress=quiet)
+    killed_dir = tmp_path / "killed" / "runs" / "big" / whole[0]["run_id"]
+    saved = killed_dir / "checkpoints" / "checkpoint-2"
+    assert (saved / "adapter_model.safetensors").exists() and not list(saved.glob("model*.safetensors"))
+    monkeypatch.setattr(StopOnSignal, "on_step_end", real_step_end)
+    said = []
+    resumed = queue.run_queue(spec, only=["stage=sft"], progress=said.append)
+    assert any("resuming from checkpoint-2" in line for line in said) and resumed[0]["steps"] == 4
+    for name, weight in adapter_weights(run_dir).items():
+        torch.testing.assert_close(adapter_weights(killed_dir)[name], weight, rtol=0, atol=0)
+    merged = AutoModelForCausalLM.from_pretrained(killed_dir / "checkpoint")
+    assert merged.dtype == torch.bfloat16 and not merged.config.is_causal
