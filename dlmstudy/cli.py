@@ -142,10 +142,18 @@ def cmd_init_model(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from dlmstudy.runners.bench import format_records, run_bench, write_records
 
+    made: list[dict] = []
+
+    def keep(record: dict) -> None:  # each record reaches --json as soon as it is measured
+        made.append(record)
+        if a.json:
+            write_records(made, a.json)
+
     records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
                         batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops,
                         train_modes=a.train_modes, profile=a.profile, head_chunk=a.head_chunk,
-                        head_kernel=a.head_kernel)
+                        head_kernel=a.head_kernel, checkpointing=[c == "on" for c in a.gradient_checkpointing],
+                        accumulation=a.gradient_accumulation_steps, on_record=keep)
     print(format_records(records))
     if a.json:
         print(f"records: {write_records(records, a.json)}")
@@ -297,12 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="training and sampling throughput (tokens/s, step time, MFU, memory) of the arms")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--arms", nargs="+", default=["llada", "qwen"], help="arms to measure (default llada qwen)")
-    s.add_argument("--config", nargs="+", default=["tiny"], help="tiny, small, seed-100m or a config.json (default tiny)")
+    s.add_argument("--config", nargs="+", default=["tiny"],
+                   help="tiny, small, seed-100m, llada-8b, qwen2.5-7b or a config.json (default tiny)")
     s.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default 10)")
     s.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
     s.add_argument("--batch_size", type=int, help="override the config's training batch")
     s.add_argument("--seq_len", type=int, help="override the config's training sequence length")
-    s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample", "sft"],
+                   help="train, sample (default both) and sft: LoRA SFT at the tutorial's settings (batch 2 unless "
+                   "--batch_size; a config.json's own model and arm)")
+    s.add_argument("--gradient_checkpointing", nargs="+", default=["off"], choices=["off", "on"],
+                   help="sft: without and/or with gradient checkpointing (default off)")
+    s.add_argument("--gradient_accumulation_steps", type=int, default=8,
+                   help="sft: micro-batches per optimizer step (default 8, the tutorial's)")
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
     s.add_argument("--train_modes", nargs="+", default=["plain"],
                    choices=["plain", "fast", "fast-compiled", "fast-graphs", "fast-liger"],

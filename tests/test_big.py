@@ -328,3 +328,50 @@ def test_lora_sft_run_keeps_the_base_bf16_checkpoints_adapters_and_resumes(tmp_p
         torch.testing.assert_close(adapter_weights(killed_dir)[name], weight, rtol=0, atol=0)
     merged = AutoModelForCausalLM.from_pretrained(killed_dir / "checkpoint")
     assert merged.dtype == torch.bfloat16 and not merged.config.is_causal
+
+
+# ---------------------------------------------------------------- 3. bench --measure sft
+
+
+def test_lora_flops_count_the_work_really_done():
+    from dlmstudy.runners.bench import lora_flops
+
+    frozen = 32 * (4 * 4096 * 4096 + 3 * 4096 * 12288)  # LLaDA-8B's block matrices
+    lora = 32 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 12288))  # r 32 on all seven of them
+    shape = dict(tokens=2048, n_frozen=frozen, n_lora=lora, n_layers=32, d_attention=4096, seq_len=1024,
+                 d_model=4096, vocab=126464, head_rows=700)
+    bidirectional = lora_flops(causal=False, **shape)
+    assert bidirectional == 2048 * (4 * frozen + 6 * lora + 12 * 32 * 4096 * 1024) + 4 * 4096 * 126464 * 700
+    assert bidirectional == 62_954_322_001_920  # 30.7 GFLOP a token, against 6 N = 48.1 GFLOP
+    assert bidirectional - lora_flops(causal=True, **shape) == 2048 * 6 * 32 * 4096 * 1024
+
+
+def test_bench_sft_measures_each_configs_own_model_with_a_bf16_frozen_base(tmp_path):
+    from dlmstudy.runners.bench import lora_flops, run_bench
+
+    configs = [write_config(tmp_path / "llada", TINY_LLADA), write_config(tmp_path / "qwen", TINY_QWEN)]
+    seen = []
+    records = run_bench(device="cpu", configs=[str(c) for c in configs], measure=["sft"], steps=2, warmup=1,
+                        seq_len=32, peak=1e12, checkpointing=[False, True], accumulation=2, progress=quiet,
+                        on_record=seen.append)
+    assert seen == records and [(r["arm"], r["gradient_checkpointing"]) for r in records] == [
+        ("llada-mdm", False), ("llada-mdm", True), ("qwen-ar", False), ("qwen-ar", True)]
+    d, ff = 32, 48
+    for r in records:
+        kv = 16 if r["arm"] == "qwen-ar" else 32  # Qwen: 2 of 4 heads for keys and values
+        frozen = 2 * (2 * d * d + 2 * d * kv + 3 * d * ff)
+        lora = 2 * 32 * (2 * (d + d) + 2 * (d + kv) + 3 * (d + ff))
+        assert (r["batch"], r["seq_len"], r["prompt_len"]) == (2, 32, 8)
+        assert r["frozen_dtypes"] == ["bfloat16"] and r["frozen_fp32_params"] == 0
+        assert r["trainable_dtypes"] == ["float32"] and r["params_trainable"] == lora
+        if r["arm"] == "qwen-ar":
+            assert r["head_rows_per_step"] == 2 * (32 - 8)  # every answer token, none of the prompt's
+        else:
+            assert 0 < r["head_rows_per_step"] < 2 * (32 - 8)  # the masked answer tokens only
+        assert r["flops_per_step"] == lora_flops(
+            tokens=64, n_frozen=frozen, n_lora=lora, n_layers=2, d_attention=d, seq_len=32,
+            causal=r["arm"] == "qwen-ar", head_rows=r["head_rows_per_step"], d_model=d, vocab=320)
+        assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_time_s"] / 1e12)
+        assert (r["hfu"] > r["mfu"]) == r["gradient_checkpointing"]
+        assert r["tokens_per_s"] == pytest.approx(64 / r["step_time_s"])
+        assert r["epoch_s"] == pytest.approx(1000 * r["step_time_s"]) and r["epoch_rows"] == 2000
