@@ -196,6 +196,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(reply.text)
     if a.show_steps:
         print("\n".join(bot.step_lines(reply)))
+    if a.show_speed:
+        print(reply.speed_line(), file=sys.stderr)
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -204,7 +206,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
     bot = _chatbot(a)
     print(f"chat with {a.model_name_or_path} (arm {bot.arm.name}, {bot.arm.sampler} sampler); "
           "exit, quit or EOF ends, /clear forgets the history", file=sys.stderr)
-    run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps)
+    run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps,
+             show_speed=a.show_speed)
 
 
 def add_decoding_flags(s: argparse.ArgumentParser) -> None:
@@ -233,6 +236,8 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    help="raw prompts; chat then answers each line alone")
     s.add_argument("--show_steps", action="store_true",
                    help="after each answer, show it step by step as it was unmasked")
+    s.add_argument("--show_speed", action="store_true",
+                   help="after each answer, its generated tokens, steps, seconds and tokens/s (generate: on stderr)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--seed", type=int, default=0)
 

@@ -375,3 +375,50 @@ def test_bench_sft_measures_each_configs_own_model_with_a_bf16_frozen_base(tmp_p
         assert (r["hfu"] > r["mfu"]) == r["gradient_checkpointing"]
         assert r["tokens_per_s"] == pytest.approx(64 / r["step_time_s"])
         assert r["epoch_s"] == pytest.approx(1000 * r["step_time_s"]) and r["epoch_rows"] == 2000
+
+
+# ---------------------------------------------------------------- 4. merging and sampling the merged model
+
+
+@pytest.mark.parametrize("raw", [TINY_LLADA, TINY_QWEN], ids=["llada", "qwen"])
+def test_merge_lora_keeps_the_bf16_base_and_gives_the_adapter_models_logits(tmp_path, raw, monkeypatch):
+    from dlmstudy.training import merge
+    from dlmstudy.training.lora import apply_lora
+
+    base = init_model(write_config(tmp_path / "cfg", raw), tmp_path / "base", device="cpu", progress=quiet)
+    model, _, arm = load_pretrained(base)
+    adapted = apply_lora(model, r=4, lora_alpha=8, seed=0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    adapted.save_pretrained(tmp_path / "adapter")
+    expected = logits(adapted.eval())
+    loaded = []
+    real_load = merge.load_pretrained
+    monkeypatch.setattr(merge, "load_pretrained", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    merged_dir = merge.merge_lora(tmp_path / "adapter", base, tmp_path / "merged")
+    assert {p.dtype for p in loaded[0][0].parameters()} == {torch.bfloat16}  # never an fp32 copy of the base
+    assert {t.dtype for t in shard_tensors(merged_dir).values()} == {torch.bfloat16}
+    merged, tokenizer, merged_arm = load_pretrained(merged_dir)
+    assert merged_arm.name == arm.name and tokenizer.eos_token_id == 300
+    torch.testing.assert_close(logits(merged), expected, rtol=0.02, atol=0.02)
+    assert not torch.allclose(logits(merged), logits(load_pretrained(base)[0]), atol=0.02)
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    torch.testing.assert_close(logits(plain), logits(merged), rtol=0, atol=0)
+
+
+def test_generate_and_chat_report_tokens_per_second(tmp_path, capsys):
+    from dlmstudy.sampling.chat import Chatbot, DecodeOptions, run_chat
+
+    base = init_model(write_config(tmp_path / "cfg", TINY_LLADA), tmp_path / "base", device="cpu", progress=quiet)
+    assert main(["generate", "--model_name_or_path", str(base), "--prompt", "Hi", "--max_length", "8",
+                 "--steps", "4", "--block_length", "8", "--threshold", "0.9", "--use_cache", "--show_speed",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("(8 tokens in ") and err[-1].endswith(" tokens/s)")
+    bot = Chatbot.load(base, options=DecodeOptions(max_length=8, threshold=0.9, use_cache=True), device="cpu")
+    lines: list[str] = []
+    replies = run_chat(bot, ["Hi", "Again"], lines.append, show_speed=True)
+    assert [line for line in lines if not line.startswith("assistant> ")] == [r.speed_line() for r in replies]
+    assert all(r.seconds > 0 and f"{len(r.tokens) / r.seconds:,.1f} tokens/s" in r.speed_line() for r in replies)
