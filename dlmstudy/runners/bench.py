@@ -17,6 +17,7 @@ transformers' `generate`, our KV-cached loop and compiled static-cache decoding.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -433,6 +434,7 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
                     add(bench_sft(make(), arm, sft_cfg, device, steps=steps, warmup=warmup, peak=peak,
                                   checkpointing=checkpointing_on, accumulation=accumulation, head_chunk=head_chunk,
                                   head_kernel=head_kernel))
+                    gc.collect()  # the model and its optimizer state gone before the next record measures its peak
                     if device == "cuda":
                         torch.cuda.empty_cache()
     return records

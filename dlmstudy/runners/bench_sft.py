@@ -131,6 +131,7 @@ def bench_sft(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: str, *
                    head_rows_per_step=scored / steps, mfu=mfu(1 / step_time, flops, peak),
                    hfu=mfu(1 / step_time, flops + recompute, peak), peak_flops=peak,
                    peak_memory_gb=peak_memory(device) / 1e9,
+                   peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else None,
                    resident_memory_gb=None if resident is None else resident / 1e9,
                    epoch_rows=EPOCH_ROWS, epoch_s=math.ceil(EPOCH_ROWS / cfg.batch_size) * step_time,
                    lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
