@@ -81,19 +81,22 @@ class Report:
         return done
 
 
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The headline table (one row per bench record) and every other step's fields."""
     lines = ["# LoRA SFT at 8B on one GPU (random weights: speed and memory, not quality)", ""]
     records = data["steps"].get("bench", {}).get("records", [])
     if records:
-        lines += ["| config | arm | checkpointing | peak GB | reserved GB | tokens/s | micro-batch s | optimizer step s "
-                  "| MFU | HFU | epoch of 2,000 rows |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| config | arm | checkpointing | peak GB | reserved GB | tokens/s | micro-batch s "
+                  "| optimizer step s | MFU | HFU | epoch of 2,000 rows |", "|" + " --- |" * 11]
         for r in records:
-            pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
             lines.append(f"| {r['config']} | {r['arm']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                         f"{r['peak_memory_gb']:.1f} | {r.get('peak_reserved_gb') or 0:.1f} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['step_time_s']:.3f} | {r['optimizer_step_time_s']:.2f} | {pct(r['mfu'])} | "
-                         f"{pct(r['hfu'])} | {r['epoch_s'] / 60:.1f} min |")
+                         f"{r['peak_memory_gb']:.1f} | {r.get('peak_reserved_gb') or 0:.1f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {r['optimizer_step_time_s']:.2f} | "
+                         f"{percent(r['mfu'])} | {percent(r['hfu'])} | {r['epoch_s'] / 60:.1f} min |")
         lines.append("")
     for step, fields in data["steps"].items():
         shown = {k: v for k, v in fields.items() if k != "records"}
@@ -120,9 +123,9 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 def bench(report: Report, a: argparse.Namespace) -> None:
     records_file = Path(a.out) / "bench_sft.json"
     done = report.run("bench", ["bench", "--device", a.device, "--config", a.llada, a.qwen, "--measure", "sft",
-                                "--gradient_checkpointing", "off", "on", "--batch_size", "2", "--seq_len", str(a.seq_len),
-                                "--steps", str(a.bench_steps), "--warmup", str(a.bench_warmup), "--json",
-                                str(records_file)], cap=240, need=60)
+                                "--gradient_checkpointing", "off", "on", "--batch_size", "2",
+                                "--seq_len", str(a.seq_len), "--steps", str(a.bench_steps),
+                                "--warmup", str(a.bench_warmup), "--json", str(records_file)], cap=240, need=60)
     if not records_file.exists():
         return
     records = json.loads(records_file.read_text())

@@ -50,7 +50,8 @@ def model_config_path(name_or_path: str | Path) -> Path:
         return Path(str(resources.files("dlmstudy") / "models" / "configs" / f"{name_or_path}.json"))
     path = Path(name_or_path)
     if not path.exists():
-        raise UserError(f"config {name_or_path!r}: no such file; use a config.json or one of {', '.join(MODEL_CONFIGS)}")
+        raise UserError(f"config {name_or_path!r}: no such file; use a config.json or one of "
+                        f"{', '.join(MODEL_CONFIGS)}")
     return path
 
 

@@ -378,7 +378,8 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
               measure: Iterable[str] = DEFAULT_MEASUREMENTS, peak: float | None = None,
               train_modes: Iterable[str] = ("plain",), profile: str | Path | None = None, head_chunk: int = 2048,
               head_kernel: str = "auto", checkpointing: Iterable[bool] = (False,), accumulation: int = 8,
-              progress: Callable[[str], None] = print, on_record: Callable[[dict], None] = lambda r: None) -> list[dict]:
+              progress: Callable[[str], None] = print, on_record: Callable[[dict], None] = lambda r: None
+              ) -> list[dict]:
     """Benchmark every (config, arm): training, sampling and LoRA SFT records as asked; returns them all.
 
     SFT measures a config.json's own model (a LLaDA config as LLaDA, a Qwen2 config as Qwen2 AR), a named setting

@@ -30,7 +30,8 @@ def fitting_tokenizer(config: PretrainedConfig, path: str | Path | None = None) 
         except (OSError, ValueError) as err:
             raise UserError(f"--tokenizer {path}: not a loadable tokenizer folder ({err})") from None
         if len(tokenizer) > rows:
-            raise UserError(f"--tokenizer {path}: {len(tokenizer):,} ids do not fit the model's {rows:,} embedding rows")
+            raise UserError(f"--tokenizer {path}: {len(tokenizer):,} ids do not fit the model's {rows:,} "
+                            "embedding rows")
         return tokenizer
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     if eos is None:
