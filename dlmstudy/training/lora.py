@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from dlmstudy.errors import UserError
