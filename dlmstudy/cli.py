@@ -194,13 +194,29 @@ def cmd_params(a: argparse.Namespace) -> None:
     print(json.dumps(counts.as_dict(), indent=2) if a.json else format_counts(counts))
 
 
+def cmd_init_model(a: argparse.Namespace) -> None:
+    from dlmstudy.runners.init_model import init_model
+
+    out = init_model(a.config, a.out, dtype=a.dtype, shard_size=a.shard_size, device=a.device, seed=a.seed,
+                     tokenizer=a.tokenizer)
+    print(f"model folder: {out} (random weights: for loading, memory and speed, not quality)")
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from dlmstudy.runners.bench import format_records, run_bench, write_records
+
+    made: list[dict] = []
+
+    def keep(record: dict) -> None:  # each record reaches --json as soon as it is measured
+        made.append(record)
+        if a.json:
+            write_records(made, a.json)
 
     records = run_bench(device=a.device, arms=a.arms, configs=a.config, steps=a.steps, warmup=a.warmup,
                         batch_size=a.batch_size, seq_len=a.seq_len, measure=a.measure, peak=a.peak_flops,
                         train_modes=a.train_modes, profile=a.profile, head_chunk=a.head_chunk,
-                        head_kernel=a.head_kernel)
+                        head_kernel=a.head_kernel, checkpointing=[c == "on" for c in a.gradient_checkpointing],
+                        accumulation=a.gradient_accumulation_steps, on_record=keep)
     print(format_records(records))
     if a.json:
         print(f"records: {write_records(records, a.json)}")
@@ -243,6 +259,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(reply.text)
     if a.show_steps:
         print("\n".join(bot.step_lines(reply)))
+    if a.show_speed:
+        print(reply.speed_line(), file=sys.stderr)
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -251,7 +269,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
     bot = _chatbot(a)
     print(f"chat with {a.model_name_or_path} (arm {bot.arm.name}, {bot.arm.sampler} sampler); "
           "exit, quit or EOF ends, /clear forgets the history", file=sys.stderr)
-    run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps)
+    run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps,
+             show_speed=a.show_speed)
 
 
 def add_decoding_flags(s: argparse.ArgumentParser) -> None:
@@ -280,6 +299,8 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    help="raw prompts; chat then answers each line alone")
     s.add_argument("--show_steps", action="store_true",
                    help="after each answer, show it step by step as it was unmasked")
+    s.add_argument("--show_speed", action="store_true",
+                   help="after each answer, its generated tokens, steps, seconds and tokens/s (generate: on stderr)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--seed", type=int, default=0)
 
@@ -350,15 +371,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_params)
 
+    s = sub.add_parser("init-model", help="write a model folder with a real config and random weights "
+                       "(safetensors shards), to smoke-test a machine before downloading weights")
+    s.add_argument("--config", required=True,
+                   help="llada-8b, qwen2.5-7b (shipped configs) or a LLaDA, Qwen2 or Llama config.json")
+    s.add_argument("--out", required=True, help="new folder to write")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype (default bf16)")
+    s.add_argument("--shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"],
+                   help="where the random weights are drawn (default: an accelerator if there is one)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="tokenizer folder to include (default: a byte-level tokenizer with the "
+                   "config's special ids)")
+    s.set_defaults(func=cmd_init_model)
+
     s = sub.add_parser("bench", help="training and sampling throughput (tokens/s, step time, MFU, memory) of the arms")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--arms", nargs="+", default=["llada", "qwen"], help="arms to measure (default llada qwen)")
-    s.add_argument("--config", nargs="+", default=["tiny"], help="tiny, small, seed-100m or a config.json (default tiny)")
+    s.add_argument("--config", nargs="+", default=["tiny"],
+                   help="tiny, small, seed-100m, llada-8b, qwen2.5-7b or a config.json (default tiny)")
     s.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default 10)")
     s.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
     s.add_argument("--batch_size", type=int, help="override the config's training batch")
     s.add_argument("--seq_len", type=int, help="override the config's training sequence length")
-    s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    s.add_argument("--measure", nargs="+", default=["train", "sample"], choices=["train", "sample", "sft"],
+                   help="train, sample (default both) and sft: LoRA SFT at the tutorial's settings (batch 2 unless "
+                   "--batch_size; a config.json's own model and arm)")
+    s.add_argument("--gradient_checkpointing", nargs="+", default=["off"], choices=["off", "on"],
+                   help="sft: without and/or with gradient checkpointing (default off)")
+    s.add_argument("--gradient_accumulation_steps", type=int, default=8,
+                   help="sft: micro-batches per optimizer step (default 8, the tutorial's)")
     s.add_argument("--peak_flops", type=float, help="peak FLOP/s for MFU (default: the device table)")
     s.add_argument("--train_modes", nargs="+", default=["plain"],
                    choices=["plain", "fast", "fast-compiled", "fast-graphs", "fast-liger"],

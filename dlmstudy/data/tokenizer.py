@@ -47,6 +47,35 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
+def byte_tokenizer(vocab_size: int, *, eos_token_id: int, pad_token_id: int | None = None,
+                   mask_token_id: int | None = None) -> PreTrainedTokenizerFast:
+    """A tokenizer for a model of any vocabulary: one token per UTF-8 byte (ids 0-255, no merges), EOS, pad and
+    mask at the given ids, ChatML's <|im_start|> and <|im_end|> at the two highest free ids, and a reserved token
+    at every other id. It fits a model folder of random weights; its texts are longer than a trained BPE's.
+    pad_token_id None or equal to eos: EOS pads; mask_token_id None: no mask token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    wanted = [(eos_token_id, EOS)] + ([(pad_token_id, PAD)] if pad_token_id not in (None, eos_token_id) else []) \
+        + ([(mask_token_id, MASK)] if mask_token_id is not None else [])
+    specials = dict(wanted)
+    free = [i for i in range(vocab_size - 1, 255, -1) if i not in specials]
+    if len(specials) < len(wanted) or len(free) < 2 or any(not 256 <= i < vocab_size for i in specials):
+        raise UserError(f"a byte-level tokenizer needs distinct special ids in [256, {vocab_size}) and room for two "
+                        f"chat tokens; got eos {eos_token_id}, pad {pad_token_id}, mask {mask_token_id}")
+    specials |= {free[1]: IM_START, free[0]: IM_END}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab |= {specials.get(i, f"<|reserved_{i}|>"): i for i in range(256, vocab_size)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=specials.get(pad_token_id, EOS),
+                                   additional_special_tokens=[IM_START, IM_END],
+                                   **({"mask_token": MASK} if mask_token_id is not None else {}))
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def complete_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add what an arm needs and a local tokenizer may lack: eos, pad, mask tokens and a chat template."""
     if tok.eos_token is None:

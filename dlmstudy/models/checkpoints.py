@@ -101,12 +101,14 @@ def load_llada_original(path: str | Path, *, device: str = "cpu", dtype: torch.d
     path = Path(path)
     config = llada_config_from_json(path / "config.json")
     state = llada_state_dict_to_hf(read_state_dict(path, device=device))
-    return _assign(config, state, dtype, source=path, original_name=llada_name).to(device)
+    return model_from_state(config, state, dtype, source=path, original_name=llada_name).to(device)
 
 
-def _assign(config: PretrainedConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-            *, source: Path, original_name: Callable[[str], str]) -> PreTrainedModel:
-    """Build the model without allocating weights, then adopt `state`'s tensors (exact names and shapes)."""
+def model_from_state(config: PretrainedConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                     *, source: Path, original_name: Callable[[str], str]) -> PreTrainedModel:
+    """Build the model without allocating weights, then adopt `state`'s tensors (exact names and shapes; cast to
+    `dtype` when given); a tensor missing, unexpected or of the wrong shape is a UserError naming it as
+    `original_name` does and `source`."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     expected = dict(model.named_parameters())

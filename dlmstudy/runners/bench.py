@@ -17,6 +17,7 @@ transformers' `generate`, our KV-cached loop and compiled static-cache decoding.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,7 +35,8 @@ from dlmstudy.models.backbones import (
     build_config,
     build_model,
 )
-from dlmstudy.models.params import config_from_json, count_model
+from dlmstudy.models.params import ParamCounts, config_from_json, count_model
+from dlmstudy.models.random_init import MODEL_CONFIGS, model_config_path
 from dlmstudy.models.registry import Arm, get_arm
 from dlmstudy.runners.device import (
     autocast,
@@ -49,7 +51,8 @@ from dlmstudy.training.clipping import clip_grad_norm
 from dlmstudy.training.registry import build_objective
 
 PARALLEL_THRESHOLD = 0.9
-MEASUREMENTS = ("train", "sample")
+MEASUREMENTS = ("train", "sample", "sft")
+DEFAULT_MEASUREMENTS = ("train", "sample")
 
 # bf16 dense peaks (FLOP/s), matched by a substring of the device name; first match wins.
 PEAK_FLOPS: list[tuple[str, float, str]] = [
@@ -78,6 +81,7 @@ class BenchConfig:
     gen_length: int = 128
     sample_steps: tuple[int, ...] = (128, 32)
     block_lengths: tuple[int, ...] = (128, 32)
+    source: str | None = None  # the config.json this setting was read from (SFT then measures that very model)
 
     @property
     def tokens(self) -> SpecialTokens:
@@ -112,17 +116,21 @@ def config_from_path(path: str | Path) -> BenchConfig:
                      rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=bool(hf.tie_word_embeddings))
     name = Path(path).parent.name if Path(path).name == "config.json" else Path(path).name
     return BenchConfig(name, size, vocab_size=hf.vocab_size, seq_len=min(1024, hf.max_position_embeddings),
-                       batch_size=16, mask_token_id=getattr(hf, "mask_token_id", None))
+                       batch_size=16, mask_token_id=getattr(hf, "mask_token_id", None), source=str(path))
 
 
 def bench_config(name_or_path: str, *, batch_size: int | None = None, seq_len: int | None = None) -> BenchConfig:
-    """A named setting (tiny, small, seed-100m) or a config.json path, with optional batch/sequence overrides."""
+    """A named setting (tiny, small, seed-100m), a shipped model config (llada-8b, qwen2.5-7b) or a config.json
+    path, with optional batch/sequence overrides."""
     if name_or_path in BENCH_CONFIGS:
         cfg = BENCH_CONFIGS[name_or_path]
+    elif name_or_path in MODEL_CONFIGS:
+        cfg = dataclasses.replace(config_from_path(model_config_path(name_or_path)), name=name_or_path)
     elif Path(name_or_path).exists():
         cfg = config_from_path(name_or_path)
     else:
-        raise UserError(f"bench config {name_or_path!r}: use one of {', '.join(BENCH_CONFIGS)} or a config.json path")
+        raise UserError(f"bench config {name_or_path!r}: use one of {', '.join([*BENCH_CONFIGS, *MODEL_CONFIGS])} "
+                        "or a config.json path")
     for key, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if value is not None and value < 1:
             raise UserError(f"--{key} must be at least 1, got {value}")
@@ -151,13 +159,24 @@ def flops_per_token(n_matmul: int, n_layers: int, d_model: int, seq_len: int) ->
     return 6 * n_matmul + 12 * n_layers * d_model * seq_len
 
 
+def lora_flops(*, tokens: int, n_frozen: int, n_lora: int, n_layers: int, d_attention: int, seq_len: int,
+               causal: bool, head_rows: float, d_model: int, vocab: int) -> float:
+    """FLOPs of one LoRA SFT batch as done: the frozen matmuls' forward and input gradient, no weight gradient
+    (4 N_frozen per token); the adapters' forward and both gradients (6 N_lora); attention scores and values
+    (12 n_layers d L, forward and backward; 6 for a causal kernel, which skips the masked half); the frozen head
+    only on the scored rows (4 d V per row: answer tokens for AR, masked answer tokens for diffusion)."""
+    attention = (6 if causal else 12) * n_layers * d_attention * seq_len
+    return tokens * (4 * n_frozen + 6 * n_lora + attention) + 4 * d_model * vocab * head_rows
+
+
 def mfu(tokens_per_s: float, flops: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: achieved FLOP/s over the peak (None without a peak)."""
     return None if not peak else tokens_per_s * flops / peak
 
 
-def _record(measurement: str, arm: Arm, cfg: BenchConfig, device: str, model: torch.nn.Module, **fields) -> dict:
-    counts = count_model(model)
+def _record(measurement: str, arm: Arm, cfg: BenchConfig, device: str, model: torch.nn.Module,
+            counts: ParamCounts | None = None, **fields) -> dict:
+    counts = counts or count_model(model)
     return {"measurement": measurement, "device": device, "device_name": device_name(device), "config": cfg.name,
             "arm": arm.name, "objective": arm.objective, "sampler": arm.sampler, **fields,
             "params_total": counts.total, "params_non_embedding": counts.non_embedding,
@@ -356,12 +375,18 @@ def bench_sampling(model: torch.nn.Module, arm: Arm, cfg: BenchConfig, device: s
 
 def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), configs: Iterable[str] = ("tiny",),
               steps: int = 10, warmup: int = 3, batch_size: int | None = None, seq_len: int | None = None,
-              measure: Iterable[str] = MEASUREMENTS, peak: float | None = None,
+              measure: Iterable[str] = DEFAULT_MEASUREMENTS, peak: float | None = None,
               train_modes: Iterable[str] = ("plain",), profile: str | Path | None = None, head_chunk: int = 2048,
-              head_kernel: str = "auto", progress: Callable[[str], None] = print) -> list[dict]:
-    """Benchmark every (config, arm): one training record and the sampling records; returns them all."""
-    if steps < 1 or warmup < 0:
-        raise UserError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
+              head_kernel: str = "auto", checkpointing: Iterable[bool] = (False,), accumulation: int = 8,
+              progress: Callable[[str], None] = print, on_record: Callable[[dict], None] = lambda r: None
+              ) -> list[dict]:
+    """Benchmark every (config, arm): training, sampling and LoRA SFT records as asked; returns them all.
+
+    SFT measures a config.json's own model (a LLaDA config as LLaDA, a Qwen2 config as Qwen2 AR), a named setting
+    once per arm; `batch_size` defaults to the tutorial's 2 there. `on_record` sees each record as it is made."""
+    if steps < 1 or warmup < 0 or accumulation < 1:
+        raise UserError(f"need --steps >= 1, --warmup >= 0 and --gradient_accumulation_steps >= 1, got {steps}, "
+                        f"{warmup} and {accumulation}")
     unknown = set(measure) - set(MEASUREMENTS)
     if unknown:
         raise UserError(f"unknown measurement {sorted(unknown)[0]!r}; use {', '.join(MEASUREMENTS)}")
@@ -373,27 +398,46 @@ def run_bench(*, device: str = "auto", arms: Iterable[str] = ("llada", "qwen"), 
     else:
         source = "--peak_flops"
     progress(f"bench on {device} ({device_name(device)}); MFU peak: {peak or 'none'} ({source})")
-    records = []
+    records: list[dict] = []
+
+    def add(*made: dict) -> None:
+        for record in made:
+            records.append(record)
+            on_record(record)
+
     for cfg in settings:
-        for arm in arm_list:
+        for arm in arm_list if {"train", "sample"} & set(measure) else []:
             def fresh() -> torch.nn.Module:
                 return build_model(build_config(arm.backbone, cfg.size, cfg.tokens, causal=arm.causal), seed=0).to(device)
 
             if "train" in measure:
                 for mode in train_modes:
                     progress(f"{cfg.name} {arm.name}: training ({mode}), batch {cfg.batch_size} x {cfg.seq_len}")
-                    records.append(bench_training(fresh(), arm, cfg, device, steps=steps, warmup=warmup, peak=peak,
-                                                  mode=mode, profile=profile, head_chunk=head_chunk,
-                                                  head_kernel=head_kernel))
+                    add(bench_training(fresh(), arm, cfg, device, steps=steps, warmup=warmup, peak=peak, mode=mode,
+                                       profile=profile, head_chunk=head_chunk, head_kernel=head_kernel))
                     if device == "cuda":
                         torch.cuda.empty_cache()
             model = fresh()
             if "sample" in measure:
                 progress(f"{cfg.name} {arm.name}: sampling, batch {cfg.sample_batch}, {cfg.gen_length} new tokens")
-                records += bench_sampling(model, arm, cfg, device)
+                add(*bench_sampling(model, arm, cfg, device))
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if "sft" in measure:
+            from dlmstudy.runners.bench_sft import SFT_BATCH, bench_sft, sft_models
+
+            sft_cfg = dataclasses.replace(cfg, batch_size=batch_size or SFT_BATCH)
+            for make, arm in sft_models(sft_cfg, arm_list, device):
+                for checkpointing_on in checkpointing:
+                    progress(f"{cfg.name} {arm.name}: LoRA SFT, batch {sft_cfg.batch_size} x {sft_cfg.seq_len}, "
+                             f"gradient checkpointing {'on' if checkpointing_on else 'off'}")
+                    add(bench_sft(make(), arm, sft_cfg, device, steps=steps, warmup=warmup, peak=peak,
+                                  checkpointing=checkpointing_on, accumulation=accumulation, head_chunk=head_chunk,
+                                  head_kernel=head_kernel))
+                    gc.collect()  # the model and its optimizer state gone before the next record measures its peak
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
     return records
 
 

@@ -7,6 +7,7 @@ same `fit` loop; its base is the arm's pretraining run (or a local model named i
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,17 +137,24 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
     sft = spec.sft
     if sft.lora:
         model = apply_lora(model, r=sft.r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
-                           target_modules=sft.target_modules)
+                           target_modules=sft.target_modules, seed=spec.seed)
     train_set = SFTDataset(train_rows, epoch_order(len(train_rows), run.epochs, seed=spec.seed))
     val_set = SFTDataset(val_rows, np.arange(len(val_rows)))
     collate = SFTCollator(tokenizer.eos_token_id)
     fast = {k: v for k, v in fast_path(spec).items() if k != "compiled"}
+    mask_id = getattr(model.config, "mask_token_id", None)  # the model's own (LLaDA-8B: 126,336), else the tokenizer's
+    mask_id = tokenizer.mask_token_id if mask_id is None else mask_id
     objective = build_objective(run.arm.objective, seed=spec.seed, **fast, **(
-        {"mask_id": tokenizer.mask_token_id, "sft_norm": sft.loss_norm} if run.arm.objective == "mdm" else {}))
+        {"mask_id": mask_id, "sft_norm": sft.loss_norm} if run.arm.objective == "mdm" else {}))
     config = {**run.config, "training": {"learning_rate": 1e-4, **run.config["training"]}}
     arguments = default_arguments(config, len(train_set), device)
     per_epoch = math.ceil(len(train_rows) / arguments["per_device_train_batch_size"] / arguments["gradient_accumulation_steps"])
     arguments.update(eval_steps=per_epoch, save_steps=per_epoch)
+    if arguments.get("gradient_checkpointing"):  # non-reentrant: no input needs a gradient, on every transformers 5
+        arguments.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = (arguments["per_device_train_batch_size"] * arguments["gradient_accumulation_steps"] * world
+                       * sft.max_length)
     ev = spec.evaluation
     settings = DecodeSettings(ev.steps, ev.gen_length, ev.block_length, ev.batch_size, compiled=ev.compiled)
 
@@ -160,7 +168,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
                   for s in range(0, len(val_set), ev.batch_size)]
         out = {"val_loss": float(np.mean(losses)),
                **answer_nll(m, run.arm.objective, held["input_ids"], held["attention_mask"], held["labels"],
-                            mask_id=tokenizer.mask_token_id, mc_num=ev.mc_num, batch_size=ev.batch_size,
+                            mask_id=mask_id, mc_num=ev.mc_num, batch_size=ev.batch_size,
                             seed=spec.seed)}
         if probes:
             rows = answer_questions(m, tokenizer, probes, sampler=run.arm.sampler, settings=settings,
@@ -174,7 +182,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
 
     trained, train_metrics = fit(model, run_id=run.run_id, run_dir=run.dir, arguments=arguments, train_set=train_set,
                                  eval_set=val_set, objective=objective, data_collator=collate,
-                                 tokens_per_step=arguments["per_device_train_batch_size"] * sft.max_length,
+                                 tokens_per_step=tokens_per_step,
                                  validation_fn=after_epoch, spec=spec, config=config, progress=progress)
     if sft.lora:
         trained.save_pretrained(run.dir / "adapter")

@@ -10,6 +10,7 @@ shows the order in which an answer was unmasked (diffusion) or written (AR), one
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dlmstudy.errors import UserError
 from dlmstudy.models.checkpoints import folder_arm, load_pretrained
 from dlmstudy.models.registry import Arm
-from dlmstudy.runners.device import resolve_device, supports_bf16
+from dlmstudy.runners.device import resolve_device, supports_bf16, synchronize
 from dlmstudy.sampling.registry import sample
 
 DEFAULT_BLOCK_LENGTH = 32
@@ -86,13 +87,20 @@ class DecodeOptions:
 
 @dataclass
 class Reply:
-    """One answer: the prompt ids fed in, the generated ids, the step (from 0) that committed each, and the text."""
+    """One answer: the prompt ids fed in, the generated ids, the step (from 0) that committed each, the text, and the
+    sampler's wall time (seconds, the device synchronised)."""
 
     prompt_ids: list[int]
     tokens: list[int]
     unmask_step: list[int]
     num_steps: int
     text: str
+    seconds: float = 0.0
+
+    def speed_line(self) -> str:
+        """Generated tokens (every position decoded, EOS padding included) per second of sampling."""
+        rate = len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
+        return f"({len(self.tokens)} tokens in {self.num_steps} steps, {self.seconds:.2f} s: {rate:,.1f} tokens/s)"
 
 
 def model_folder(path: str | Path) -> Path:
@@ -178,7 +186,11 @@ class Chatbot:
         """Answer the conversation `messages` (ending with a user turn) with the arm's sampler."""
         ids = self.prompt_ids(messages)
         prompt = torch.tensor([ids], device=self.model.device)
+        synchronize(self.model.device.type)
+        start = time.perf_counter()
         out = sample(self.model, prompt, sampler=self.arm.sampler, generator=self.generator, **self.kwargs)
+        synchronize(self.model.device.type)
+        seconds = time.perf_counter() - start
         if self.arm.sampler == "diffusion":
             x, unmask_step = out
             order = unmask_step[0].tolist()
@@ -188,7 +200,7 @@ class Chatbot:
             order = list(range(x.shape[1] - len(ids)))
             num_steps = len(order)
         tokens = x[0, len(ids):].tolist()
-        return Reply(ids, tokens, order, num_steps, answer_text(self.tokenizer, tokens, self.stops))
+        return Reply(ids, tokens, order, num_steps, answer_text(self.tokenizer, tokens, self.stops), seconds)
 
     def step_lines(self, reply: Reply) -> list[str]:
         """One line per step: its number, how many tokens it committed, and the answer so far.
@@ -209,7 +221,7 @@ class Chatbot:
 
 
 def run_chat(bot: Chatbot, lines: Iterable[str], write: Callable[[str], None], *,
-             show_steps: bool = False) -> list[Reply]:
+             show_steps: bool = False, show_speed: bool = False) -> list[Reply]:
     """Answer each line in turn, keeping the history; `exit`/`quit` or the end of `lines` ends, `/clear` forgets."""
     history: list[Message] = []
     replies = []
@@ -229,6 +241,8 @@ def run_chat(bot: Chatbot, lines: Iterable[str], write: Callable[[str], None], *
         if show_steps:
             for step in bot.step_lines(reply):
                 write(step)
+        if show_speed:
+            write(reply.speed_line())
         history = messages + [{"role": "assistant", "content": reply.text}]
         replies.append(reply)
     return replies
