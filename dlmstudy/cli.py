@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"dlmstudy: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # a spec reports every problem, one line each
+            print(f"dlmstudy: error: {line}", file=sys.stderr)
         return 2
     return 0
 
