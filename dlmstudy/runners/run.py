@@ -268,7 +268,7 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
                                         f"mc_num={ev.mc_num},batch_size={ev.batch_size}", ev.lm_eval.model_args]))
     results = run_eval(run.dir / "checkpoint", ev.lm_eval.tasks, include_path=include, model_args=model_args,
                        output_path=run.dir / "eval" / "lm_eval", log_samples=True, limit=ev.lm_eval.limit,
-                       device=device)
+                       device=device, allow_code=ev.lm_eval.allow_code)
     return {task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
             for task, m in (results or {}).get("results", {}).items()}
 
