@@ -59,6 +59,11 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x", "grid": {"unique_people": [9], "epochs": [1]}, "data": {"pretrain": {"source": "c.jsonl"}}},
      "grid.unique_people: counts people of the built-in"),
     ({"name": "x", "grid": GRID, "data": {"validation_tokens": 64}}, "data.validation_tokens"),
+    ({"name": "x", "grid": {"unique_tokens": [1024], "total_tokens": 64}}, "grid.total_tokens: 64 is less than one"),
+    ({"name": "x", "grid": {"unique_tokens": [1024], "epochs": [0.05]}}, "for 0.05 epochs is less than one sequence"),
+    ({"name": "x", "grid": GRID, "training": {"learning_rate": True}}, "training.learning_rate: a number, not true"),
+    ({"name": "x", "grid": GRID, "training": {"eval_every": 5, "eval_steps": 3}}, "training.eval_every and"),
+    ({"name": "x", "grid": GRID, "sft": {"epochs": [0]}}, "sft.epochs[0]"),
     # sizes that cannot be built
     ({"name": "x", "grid": GRID, "model": {"hidden_size": 66, "num_heads": 4}}, "model.hidden_size: 66 is not"),
     ({"name": "x", "grid": GRID, "model": {"num_heads": 4, "num_kv_heads": 3}}, "model.num_kv_heads: 3 does not"),

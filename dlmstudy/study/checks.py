@@ -142,11 +142,16 @@ def check_grid(grid, data) -> list[str]:
     L = data.max_length
     problems += [f"grid.unique_tokens: {u} is less than one sequence (data.max_length {L})"
                  for u in grid.unique_tokens or [] if u < L]
+    if grid.total_tokens is not None and grid.total_tokens < L:
+        problems.append(f"grid.total_tokens: {grid.total_tokens} is less than one sequence (data.max_length {L})")
     if problems:
         return problems
     first: dict[tuple, tuple] = {}
     unit = "unique_tokens" if grid.unique_tokens is not None else "unique_people"
     for written, run in _points(grid, L):
+        if unit == "unique_tokens" and round(run[1] * (run[0] // L)) < 1:
+            problems.append(f"grid: unique_tokens {written[0]} for {run[1]:g} epochs is less than one sequence "
+                            f"(data.max_length {L})")
         if run in first and first[run] != written:
             (u1, _), (u2, _) = first[run], written
             problems.append(f"grid.{unit}: {u1} and {u2} make the same runs ({run[0]} unique tokens: whole "
@@ -174,10 +179,14 @@ def check_sft(sft, arms: list[str]) -> list[str]:
     return problems
 
 
-def check_precision(training, device: str) -> list[str]:
+def check_training(training, device: str) -> list[str]:
+    """Settings that override each other, or that the device cannot run."""
+    problems = []
+    if training.eval_every and "eval_steps" in training.arguments:
+        problems.append("training.eval_every and training.eval_steps both set how often validation runs; keep one")
     if device == "cpu" and training.arguments.get("fp16"):
-        return ["training.fp16: needs a GPU, and device is cpu (bf16 runs on CPU)"]
-    return []
+        problems.append("training.fp16: needs a GPU, and device is cpu (bf16 runs on CPU)")
+    return problems
 
 
 def task_hooks(folder: str | Path) -> list[str]:
@@ -227,7 +236,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[..., list[str]]]] = [
     (("grid", "data"), check_grid),
     (("data",), check_data),
     (("sft", "arms"), check_sft),
-    (("training", "device"), check_precision),
+    (("training", "device"), check_training),
     (("evaluation",), check_lm_eval),
 ]
 

@@ -206,7 +206,7 @@ class SFTSpec(Strict):
     """
 
     source: str = "builtin:biographies"
-    epochs: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    epochs: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     base: dict[str, str] = Field(default_factory=dict)
     from_run: Literal["most_unique", "all"] = "most_unique"
     max_length: int = Field(256, ge=8)
@@ -215,7 +215,7 @@ class SFTSpec(Strict):
     loss_norm: Literal["sequence", "token"] = "sequence"
     lora: bool = False
     r: int = Field(32, ge=1)
-    lora_alpha: float = 64
+    lora_alpha: PositiveFloat = 64
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     arguments: dict[str, Any] = Field(default_factory=dict)
@@ -330,7 +330,8 @@ def spec_problems(raw: Any) -> tuple[StudySpec | None, list[str]]:
     from dlmstudy.study import checks, names, training_args
 
     if not isinstance(raw, dict):
-        return None, [f"a study spec must be a YAML mapping (got {type(raw).__name__})"]
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        return None, [f"a study spec must be a YAML mapping of its sections (got {got})"]
     raw = copy.deepcopy(raw)
     problems = names.apply_aliases(raw)
     if isinstance(raw.get("training"), dict):

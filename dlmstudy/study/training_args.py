@@ -134,6 +134,8 @@ def _shown(value: Any) -> str:
 def check_value(name: str, value: Any, key: str) -> tuple[Any, str | None]:
     """(the value as its field's type, or the problem with it, one line naming `key`)."""
     given = value
+    if isinstance(value, bool) and _fields()[name] in (int, float):
+        return value, f"{key}: a number, not {str(value).lower()}"
     adapter = _adapter(name)
     if adapter is not None:
         try:
