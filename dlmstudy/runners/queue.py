@@ -8,6 +8,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from dlmstudy.damaged import read_record
 from dlmstudy.runners.run import RESULT_FILE
 from dlmstudy.runners.study import Run
 
@@ -30,9 +31,10 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def is_done(run: Run) -> bool:
-    """A run with result.json is finished and is never trained again."""
-    return (run.dir / RESULT_FILE).exists()
+def is_done(run: Run, progress=print) -> bool:
+    """A run with a readable result.json is finished and is never trained again; a damaged one is set aside
+    (renamed result.json.damaged-<time>, reported) so the run trains again."""
+    return read_record(run.dir / RESULT_FILE, expect={"run_id": run.run_id}, progress=progress) is not None
 
 
 def read_result(run: Run) -> dict:
@@ -100,7 +102,7 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     for i, run in enumerate(chosen, 1):
         tag = f"[{i}/{len(chosen)}] {run.run_id}"
         with ExitStack() as held:
-            action = ranks.share(_decide(run, held, started, max_minutes) if ranks.main else None)
+            action = ranks.share(_decide(run, held, started, max_minutes, say) if ranks.main else None)
             if action == "done":
                 say(f"{tag}: finished earlier, skipped")
                 results.append(read_result(run))
@@ -125,11 +127,11 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     return results
 
 
-def _decide(run, held, started: float, max_minutes: float | None) -> str:
+def _decide(run, held, started: float, max_minutes: float | None, progress=print) -> str:
     """What to do with a run: "done", "train" (with its lock held in `held`), or why it is skipped."""
     import time
 
-    if is_done(run):
+    if is_done(run, progress):
         return "done"
     if max_minutes is not None and time.time() - started > 60 * max_minutes:
         return f"not started, the {max_minutes:g}-minute budget is spent; run again to continue"
