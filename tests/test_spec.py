@@ -64,6 +64,18 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x", "grid": GRID, "training": {"learning_rate": True}}, "training.learning_rate: a number, not true"),
     ({"name": "x", "grid": GRID, "training": {"eval_every": 5, "eval_steps": 3}}, "training.eval_every and"),
     ({"name": "x", "grid": GRID, "sft": {"epochs": [0]}}, "sft.epochs[0]"),
+    # keys that the rest of the spec makes unused
+    ({"name": "x", "grid": GRID, "tokenizer": {"kind": "pretrained", "path": "/t", "vocab_size": 4096}},
+     "tokenizer.vocab_size: not used with tokenizer.kind pretrained"),
+    ({"name": "x", "grid": GRID, "tokenizer": {"path": "/t"}}, "tokenizer.path: used only with"),
+    ({"name": "x", "grid": GRID, "data": {"pretrain": {"source": "c.jsonl", "people": 100}}}, "data.pretrain.people"),
+    ({"name": "x", "grid": GRID, "data": {"pretrain": {"text_field": "body"}}}, "data.pretrain.text_field: not used"),
+    ({"name": "x", "grid": {"unique_tokens": [1024], "total_tokens": 4096, "pairing": "zip"}}, "grid.pairing"),
+    ({"name": "x", "grid": {**GRID, "params_kind": "total"}}, "grid.params_kind: not used without grid.params"),
+    ({"name": "x", "grid": GRID, "training": {"fast_head": False, "head_chunk": 512}}, "training.head_chunk"),
+    ({"name": "x", "grid": GRID, "arms": ["qwen"], "training": {"mask_eps": 0.01}}, "training.mask_eps"),
+    ({"name": "x", "grid": GRID, "evaluation": {"lm_eval": {"limit": 5}}}, "evaluation.lm_eval.limit: not used"),
+    ({"name": "x", "grid": GRID, "sft": {"r": 8}}, "sft.r: a LoRA setting, and sft.lora is false"),
     # sizes that cannot be built
     ({"name": "x", "grid": GRID, "model": {"hidden_size": 66, "num_heads": 4}}, "model.hidden_size: 66 is not"),
     ({"name": "x", "grid": GRID, "model": {"num_heads": 4, "num_kv_heads": 3}}, "model.num_kv_heads: 3 does not"),

@@ -227,6 +227,43 @@ def check_lm_eval(evaluation) -> list[str]:
     return problems
 
 
+def _given(section, keys: Iterable[str]) -> list[str]:
+    """The keys among `keys` the spec wrote in `section` (not left at their defaults)."""
+    return [k for k in keys if k in section.model_fields_set]
+
+
+def check_unused(tokenizer, data, grid, training, evaluation, sft, arms: list[str]) -> list[str]:
+    """Keys that the rest of the spec makes unused: written, they would be ignored without a word."""
+    builtin = data.pretrain.source == "builtin:biographies"
+    problems = [f"tokenizer.{k}: not used with tokenizer.kind pretrained (the folder's tokenizer is used)"
+                for k in _given(tokenizer, ("vocab_size", "sample_bytes")) if tokenizer.kind == "pretrained"]
+    if tokenizer.kind == "bpe" and tokenizer.path:
+        problems.append("tokenizer.path: used only with tokenizer.kind: pretrained (kind bpe trains one)")
+    problems += [f"data.pretrain.{k}: a setting of the built-in biographies, but data.pretrain.source is "
+                 f"{data.pretrain.source}" for k in _given(data.pretrain, ("people", "biographies_per_person",
+                                                                          "qa_fraction")) if not builtin]
+    if builtin and "text_field" in data.pretrain.model_fields_set:
+        problems.append("data.pretrain.text_field: not used with the built-in biographies")
+    if not builtin and evaluation.qa_people and "qa_people" in evaluation.model_fields_set:
+        problems.append("evaluation.qa_people: QA probes come from the built-in biographies only")
+    if grid.total_tokens is not None and "pairing" in grid.model_fields_set:
+        problems.append("grid.pairing: pairs unique sizes with grid.epochs; not used with grid.total_tokens")
+    if not grid.params and "params_kind" in grid.model_fields_set:
+        problems.append("grid.params_kind: not used without grid.params")
+    if not training.fast_head and "head_chunk" in training.model_fields_set:
+        problems.append("training.head_chunk: a setting of the fast head, and training.fast_head is false")
+    if not any(ARMS[a].objective == "mdm" for a in arms if a in ARMS):
+        problems += [f"training.{k}: a setting of the diffusion objective, and no arm trains with it"
+                     for k in _given(training, ("random_length_ratio", "mask_eps"))]
+    if not evaluation.lm_eval.tasks:
+        problems += [f"evaluation.lm_eval.{k}: not used without evaluation.lm_eval.tasks"
+                     for k in _given(evaluation.lm_eval, ("include_path", "limit", "model_args", "allow_code"))]
+    if sft is not None and not sft.lora:
+        problems += [f"sft.{k}: a LoRA setting, and sft.lora is false" for k in
+                     _given(sft, ("r", "lora_alpha", "lora_dropout", "target_modules"))]
+    return problems
+
+
 # (the sections a check reads, the check): run in order when all its sections validated.
 CHECKS: list[tuple[tuple[str, ...], Callable[..., list[str]]]] = [
     (("arms",), check_arms),
@@ -238,6 +275,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[..., list[str]]]] = [
     (("sft", "arms"), check_sft),
     (("training", "device"), check_training),
     (("evaluation",), check_lm_eval),
+    (("tokenizer", "data", "grid", "training", "evaluation", "sft", "arms"), check_unused),
 ]
 
 
