@@ -57,7 +57,8 @@ def train(out: Path, per_device_batch: int, accumulation: int = 1, swap_rows: tu
             return loss, metrics
 
         args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=per_device_batch,
-                                 gradient_accumulation_steps=accumulation, max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+                                 gradient_accumulation_steps=accumulation, max_steps=STEPS, learning_rate=1e-2,
+                                 lr_scheduler_type="constant", logging_steps=1,
                                  save_strategy="no", report_to="none", use_cpu=True, remove_unused_columns=False,
                                  dataloader_num_workers=0, seed=0, disable_tqdm=True)
         trainer = DLMTrainer(model=model, args=args, train_dataset=dataset, objective=recording_objective,

@@ -153,7 +153,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_complete_one_before_it(tmp_path,
     newest = out / "checkpoints" / f"checkpoint-{STEPS}"
     cut_short(newest / damaged)
     said = []
-    assert last_complete_checkpoint(out / "checkpoints", said.append) == out / "checkpoints" / f"checkpoint-{STEPS - SAVE_STEPS}"
+    before = out / "checkpoints" / f"checkpoint-{STEPS - SAVE_STEPS}"
+    assert last_complete_checkpoint(out / "checkpoints", said.append) == before
     assert len(said) == 1 and damaged in said[0] and "set aside" in said[0]
     (aside,) = (out / "damaged").iterdir()
     assert aside.name.startswith(f"checkpoint-{STEPS}.damaged-") and not newest.exists()

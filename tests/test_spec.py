@@ -121,10 +121,12 @@ def write(tmp_path, raw) -> Path:
     ({"name": "x", "grid": GRID, "training": {"dataloader_num_workers": 4}}, "training.dataloader_num_workers: not"),
     ({"name": "x", "grid": GRID, "training": {"per_device_eval_batch_size": 4}}, "evaluation.batch_size"),
     ({"name": "x", "grid": GRID, "training": {"output_dir": "out"}}, "training.output_dir: not settable"),
-    ({"name": "x", "grid": GRID, "sft": {"num_train_epochs": 2}}, "sft.num_train_epochs: not settable here: set sft.epochs"),
+    ({"name": "x", "grid": GRID, "sft": {"num_train_epochs": 2}},
+     "sft.num_train_epochs: not settable here: set sft.epochs"),
     ({"name": "x", "grid": GRID, "sft": {"eval_steps": 10}}, "sft.eval_steps: not settable"),
     ({"name": "x", "grid": GRID, "training": {"dataset_args": "c4"}}, "data.pretrain.source"),
-    ({"name": "x", "grid": GRID, "learning_rate": 1e-3}, "unknown key 'learning_rate' (write it as training.learning_rate"),
+    ({"name": "x", "grid": GRID, "learning_rate": 1e-3},
+     "unknown key 'learning_rate' (write it as training.learning_rate"),
     ({"name": "x", "grid": GRID, "device": "cpu", "training": {"fp16": True}}, "training.fp16: needs a GPU"),
     # the tutorial's names where they could mean two things, or are given twice
     ({"name": "x", "grid": GRID, "evaluation": {"max_length": 64}}, "evaluation.max_length: ambiguous"),
@@ -187,7 +189,8 @@ def test_a_dllm_training_yaml_is_pointed_to_import_dllm(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("name: x\ngrid: {unique_tokens: [1000], epochs: [1]}\nname: y\n", "line 3: duplicate key 'name' (first given on line 1)"),
+    ("name: x\ngrid: {unique_tokens: [1000], epochs: [1]}\nname: y\n",
+     "line 3: duplicate key 'name' (first given on line 1)"),
     ("name: x\ngrid: {unique_tokens: [1000], epochs: [1], epochs: [2]}\n", "line 2: duplicate key 'epochs'"),
     ("name: x\ngrid: &g {unique_tokens: [1000, *g], epochs: [1]}\n", "an alias refers to a value that contains it"),
     ("name: x\ngrid: " + "[" * 200 + "]" * 200 + "\n", "nested more than 64 deep"),
@@ -225,7 +228,8 @@ def test_a_spec_that_is_not_utf8_gets_one_line(tmp_path):
     path.write_bytes("name: caf\xe9\ngrid: {unique_tokens: [1000], epochs: [1]}\n".encode("latin-1"))
     proc = subprocess.run([sys.executable, "-m", "dlmstudy.cli", "plan", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"dlmstudy: error: {path}: not UTF-8 text (byte 0xe9 on line 1); save the file as UTF-8"
+    assert proc.stderr.strip() == (f"dlmstudy: error: {path}: not UTF-8 text (byte 0xe9 on line 1); "
+                                   "save the file as UTF-8")
 
 
 def test_a_second_spec_with_the_same_name_never_shares_its_study_folder(tmp_path):

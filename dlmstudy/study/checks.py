@@ -67,7 +67,8 @@ def check_model(model, arms: list[str]) -> list[str]:
     (rotary embeddings rotate pairs)."""
     problems: list[str] = []
     for name in dict.fromkeys(a for a in arms if a in ARMS):
-        size = {**model.model_dump(), **{k: v for k, v in ARMS[name].overrides.items() if k in type(model).model_fields}}
+        overrides = {k: v for k, v in ARMS[name].overrides.items() if k in type(model).model_fields}
+        size = {**model.model_dump(), **overrides}
         d, heads, kv = size["hidden_size"], size["num_heads"], size["num_kv_heads"]
         found = []
         if d % heads:

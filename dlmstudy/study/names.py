@@ -18,8 +18,9 @@ ALIASES: dict[tuple[str, str], tuple[str, str]] = {
 
 # (section, name) -> why it is refused: the name means different settings in the tutorial's different tools.
 AMBIGUOUS: dict[tuple[str, str], str] = {
-    ("evaluation", "max_length"): "ambiguous: the tutorial's chat means the tokens to generate (evaluation.gen_length), "
-                                  "lm_eval's model_args the context length (data.max_length); write the one you mean",
+    ("evaluation", "max_length"): "ambiguous: the tutorial's chat means the tokens to generate "
+                                  "(evaluation.gen_length), lm_eval's model_args the context length "
+                                  "(data.max_length); write the one you mean",
 }
 
 # Keys of a dllm / tutorial training YAML and where a study spec sets them.
