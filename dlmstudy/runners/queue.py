@@ -8,7 +8,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from dlmstudy.damaged import read_record
+from dlmstudy.damaged import read_record, set_aside
+from dlmstudy.models.checkpoints import checkpoint_problem
 from dlmstudy.runners.run import RESULT_FILE
 from dlmstudy.runners.study import Run
 
@@ -32,9 +33,19 @@ def run_lock(run_dir: Path):
 
 
 def is_done(run: Run, progress=print) -> bool:
-    """A run with a readable result.json is finished and is never trained again; a damaged one is set aside
-    (renamed result.json.damaged-<time>, reported) so the run trains again."""
-    return read_record(run.dir / RESULT_FILE, expect={"run_id": run.run_id}, progress=progress) is not None
+    """A run with a readable result.json is finished and is never trained again. A damaged result, or a damaged
+    final checkpoint (which SFT, eval and generate read), is set aside (renamed <name>.damaged-<time>, reported)
+    so the run trains again."""
+    if read_record(run.dir / RESULT_FILE, expect={"run_id": run.run_id}, progress=progress) is None:
+        return False
+    final = run.dir / "checkpoint"
+    problem = checkpoint_problem(final) if final.is_dir() else None
+    if problem is None:
+        return True
+    moved = set_aside(final)
+    set_aside(run.dir / RESULT_FILE)
+    progress(f"{final}: damaged ({problem}); set aside as {moved.name} with its result.json, training the run again")
+    return False
 
 
 def read_result(run: Run) -> dict:
