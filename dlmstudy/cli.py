@@ -229,7 +229,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], include_path=a.include_path,
                        model_args=a.model_args, output_path=a.output_path, log_samples=a.log_samples,
                        apply_chat_template=a.apply_chat_template, device=resolve_device(a.device),
-                       limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit)
+                       limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit, allow_code=a.allow_code)
     if results is None:
         return
     for task, metrics in sorted(results.get("results", {}).items()):
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log_samples", action="store_true")
     s.add_argument("--apply_chat_template", action="store_true")
     s.add_argument("--limit", type=float, help="at most this many items per task (a fraction if < 1)")
+    s.add_argument("--allow_code", action="store_true",
+                   help="let task YAMLs run their !function hooks (lm_eval imports that code from the task folder)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.set_defaults(func=cmd_eval)
 
@@ -434,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"dlmstudy: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # a spec reports every problem, one line each
+            print(f"dlmstudy: error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from dlmstudy.data.packing import PackedDataset, epoch_order
@@ -123,7 +125,7 @@ def test_partial_checkpoint_is_never_taken_for_complete(tmp_path):
     folder = tmp_path / "checkpoints"
     for step, complete in ((4, True), (8, True), (12, False), (3, False)):
         (folder / f"checkpoint-{step}").mkdir(parents=True)
-        (folder / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x")
+        save_file({"w": torch.zeros(2)}, folder / f"checkpoint-{step}" / "model.safetensors")
         if complete:
             (folder / f"checkpoint-{step}" / COMPLETE_MARK).touch()
     (folder / "checkpoint-final").mkdir()
@@ -134,6 +136,31 @@ def test_partial_checkpoint_is_never_taken_for_complete(tmp_path):
     (folder / "checkpoint-8" / COMPLETE_MARK).unlink()
     assert last_complete_checkpoint(folder) is None
     assert not (folder / "checkpoint-8").exists()
+
+
+def cut_short(path: Path) -> None:
+    """Truncate a file to half its size, as a full disk or a killed copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_damaged_checkpoint_falls_back_to_the_complete_one_before_it(tmp_path, damaged):
+    """A checkpoint marked complete whose file was cut short later is set aside; the run resumes from the one
+    before it and ends with the weights of a run never damaged."""
+    out = tmp_path / "run"
+    final = {k: v.clone() for k, v in train_tiny(out).model.state_dict().items()}
+    newest = out / "checkpoints" / f"checkpoint-{STEPS}"
+    cut_short(newest / damaged)
+    said = []
+    before = out / "checkpoints" / f"checkpoint-{STEPS - SAVE_STEPS}"
+    assert last_complete_checkpoint(out / "checkpoints", said.append) == before
+    assert len(said) == 1 and damaged in said[0] and "set aside" in said[0]
+    (aside,) = (out / "damaged").iterdir()
+    assert aside.name.startswith(f"checkpoint-{STEPS}.damaged-") and not newest.exists()
+    resumed = train_tiny(out)
+    for name, weight in resumed.model.state_dict().items():
+        assert torch.equal(weight, final[name]), name
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dlmstudy.damaged import set_aside
 from dlmstudy.data.tokenizer import tokenizer_fingerprint
 from dlmstudy.errors import UserError
 
@@ -124,6 +125,34 @@ def _building(folder: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stream_problem(folder: Path) -> str | None:
+    """What is damaged in a cached stream folder (None when its meta.json parses and each array file holds
+    exactly the values it names)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        sizes = {"tokens.bin": int(meta["tokens"]) * np.dtype(TOKEN_DTYPE).itemsize,
+                 "doc_ends.bin": int(meta["documents"]) * np.dtype(np.int64).itemsize}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json is not readable"
+    for name, size in sizes.items():
+        have = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if have != size:
+            return f"{name} holds {have if have is not None else 'no'} bytes, its meta.json says {size:,}"
+    return None
+
+
+def _reusable(folder: Path) -> bool:
+    """A finished cache folder to reuse; a damaged one is set aside (and reported) so that it is built again."""
+    if not (folder / "meta.json").is_file():
+        return False
+    problem = stream_problem(folder)
+    if problem is None:
+        return True
+    moved = set_aside(folder)
+    print(f"{folder}: damaged ({problem}); set aside as {moved.name}, building it again", flush=True)
+    return False
+
+
 def load_stream(folder: Path) -> TokenStream:
     """A cached stream, memory-mapped (nothing is read until used)."""
     meta = json.loads((folder / "meta.json").read_text())
@@ -189,14 +218,14 @@ def cached_stream(docs: Iterable[str], tokenizer: PreTrainedTokenizerBase, cache
     """
     key = stream_key(tokenizer, insert_eos, content_key or docs_hash(docs))
     folder = cache_dir / f"{name}-{key}"
-    if (folder / "meta.json").is_file():
+    if _reusable(folder):
         return load_stream(folder)
     return write_stream(docs, tokenizer, folder, insert_eos=insert_eos, num_proc=num_proc, desc=f"tokenizing {name}")
 
 
 def select_documents(stream: TokenStream, order: np.ndarray, folder: Path) -> TokenStream:
     """A new cached stream holding the documents `order` names, in that order (copied block by block)."""
-    if (folder / "meta.json").is_file():
+    if _reusable(folder):
         return load_stream(folder)
     ends = np.asarray(stream.doc_ends)
     starts = np.concatenate([[0], ends[:-1]])

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dlmstudy.damaged import set_aside
 from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import SpecialTokens
+from dlmstudy.models.checkpoints import checkpoint_problem, refuse_tokenizer_code
 
 EOS, PAD, MASK, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [EOS, PAD, MASK, IM_START, IM_END]
@@ -126,8 +128,9 @@ def get_tokenizer(kind: str, *, texts: Iterable[str] | None = None, vocab_size: 
     if kind == "pretrained":
         if not path or not Path(path).is_dir():
             raise UserError(f"tokenizer.path: tokenizer folder not found: {path}")
+        refuse_tokenizer_code(path)
         try:
-            return complete_tokenizer(AutoTokenizer.from_pretrained(path))
+            return complete_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=False))
         except (OSError, ValueError) as err:
             raise UserError(f"tokenizer.path: {path} is not a loadable tokenizer folder ({err})") from None
     if texts is None:
@@ -137,7 +140,11 @@ def get_tokenizer(kind: str, *, texts: Iterable[str] | None = None, vocab_size: 
         raise UserError("the corpus holds no text to train a BPE tokenizer on")
     folder = cache_dir / f"tokenizer-{bpe_cache_key(sample, vocab_size)}" if cache_dir else None
     if folder is not None and (folder / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(folder)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        moved = set_aside(folder)
+        print(f"{folder}: damaged ({problem}); set aside as {moved.name}, training it again", flush=True)
     tok = train_bpe(sample, vocab_size)
     if folder is not None:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

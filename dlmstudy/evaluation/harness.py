@@ -20,7 +20,8 @@ from dlmstudy.atomic import write_text_atomic
 from dlmstudy.errors import UserError
 from dlmstudy.evaluation import tasks as bio
 from dlmstudy.evaluation.lm_eval_models import load_lm, parse_model_args
-from dlmstudy.models.checkpoints import META_FILE, read_arm
+from dlmstudy.models.checkpoints import META_FILE, check_whole, read_arm
+from dlmstudy.study.checks import task_hooks
 
 OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
@@ -95,6 +96,16 @@ def task_manager(names: list[str], include_path: str | Path | None):
     return tm
 
 
+def refuse_task_code(folders: list[str | Path], names: list[str]) -> None:
+    """A UserError naming the first `!function` hook in the task folders (or in tasks given as YAML files)."""
+    for source in [*folders, *(n for n in names if Path(n).is_file())]:
+        hooks = task_hooks(source)
+        if hooks:
+            more = f" (and {len(hooks) - 1} more)" if len(hooks) > 1 else ""
+            raise UserError(f"{hooks[0]}{more}: a !function hook, code lm_eval would import from the task folder; "
+                            "pass --allow_code to run it")
+
+
 def write_outputs(results: dict[str, Any], output_path: str | Path) -> Path:
     """results.json (samples left out) and samples_<task>.jsonl under output_path; returns the folder."""
     from lm_eval.utils import handle_non_serializable
@@ -132,12 +143,15 @@ def run_eval(
     apply_chat_template: bool = False,
     limit: int | float | None = None,
     device: str = "cpu",
+    allow_code: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint or finished run on lm_eval tasks, offline; the results dict (None on ranks > 0).
 
     The checkpoint may also come as `pretrained=PATH` in model_args (the tutorial's form).
     Built-in task names (bio_qa_forward, bio_qa_reverse, bio_mc, bio_ppl, tag bio) need no
     include_path; hub tasks (cmmlu, gsm8k, ...) work when their datasets are in the local cache.
+    Task YAMLs from include_path (or given as files) with `!function` hooks, code lm_eval imports from
+    their folder, are refused unless `allow_code`.
     """
     import lm_eval
 
@@ -151,6 +165,9 @@ def run_eval(
     path = resolve_checkpoint(checkpoint if checkpoint is not None else pretrained)
     if checkpoint is not None and pretrained is not None and resolve_checkpoint(pretrained).resolve() != path.resolve():
         raise UserError(f"checkpoint {checkpoint} and model_args pretrained={pretrained} disagree")
+    check_whole(path)
+    if not allow_code:
+        refuse_task_code([include_path] if include_path is not None else [], names)
     tm = task_manager(names, include_path)
     lm = load_lm(path, args, device=device)
     if apply_chat_template and not lm.tokenizer.chat_template:

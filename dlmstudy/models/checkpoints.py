@@ -2,13 +2,18 @@
 
 A dlmstudy checkpoint is a transformers model folder plus `dlmstudy.json` naming the arm (so the
 right objective and sampler follow the weights). LLaDA-8B folders keep LLaDA's own config keys and
-tensor names; they are renamed onto our Llama classes. Loading never runs code from the folder (no
-trust_remote_code); weights come from safetensors, or `torch.load(weights_only=True)`.
+tensor names; they are renamed onto our Llama classes. Loading never runs code from the folder: configs
+are read as JSON into classes transformers ships (a model type only the folder's code defines is refused),
+`trust_remote_code=False` everywhere, so transformers never asks to run code; a tokenizer class only the
+folder defines is refused; weights come from safetensors, or `torch.load(weights_only=True)`. Every file of a
+folder is checked whole before loading (`checkpoint_problem`): a damaged checkpoint is one line, not a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +29,76 @@ from dlmstudy.models.registry import Arm, get_arm
 
 META_FILE = "dlmstudy.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes: the header must parse
+    and the bytes it describes must be all there (a file cut short is caught without reading a tensor)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "cut short (no header)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"cut short ({size:,} bytes, its header alone needs {n + 8:,})"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "header is not readable"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    need = 8 + n + max(ends, default=0)
+    return f"cut short ({size:,} of {need:,} bytes)" if size < need else None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive (its directory is at the end, so a file cut short has none); older files are
+    a pickle."""
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"not a whole archive ({err})"
+        return None
+    return None if magic[:1] == b"\x80" else "neither a torch archive nor a pickle"
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What is damaged in a model or Trainer checkpoint folder, as 'file: what' (None when every file checked is
+    whole): safetensors cut short, torch files that are not whole archives, JSON that does not parse, shards its
+    index names that are missing."""
+    path = Path(path)
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.stat().st_size == 0 and file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"):
+            return f"{file.name}: empty"
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        elif file.suffix in (".bin", ".pt", ".pth"):
+            problem = _torch_file_problem(file)
+        elif file.suffix == ".json":
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                return f"{file.name}: not readable JSON"
+            shards = data.get("weight_map", {}).values() if file.name.endswith(".index.json") else []
+            missing = sorted(set(shards) - {p.name for p in path.iterdir()})
+            problem = f"shard {missing[0]} is missing" if missing else None
+        else:
+            continue
+        if problem:
+            return f"{file.name}: {problem}"
+    return None
+
+
+def check_whole(path: str | Path) -> None:
+    """A UserError (one line) when a checkpoint folder is damaged: loading it would fail or read wrong weights."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"{path}: damaged checkpoint: {problem}")
 
 
 def save_checkpoint(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, arm: Arm) -> None:
@@ -49,9 +124,15 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> tuple[PreTraine
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint folder not found: {path}")
+    check_whole(path)
+    refuse_tokenizer_code(path)
     arm = read_arm(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = hf_config_from_json(path)  # a model type transformers ships: never code from the folder
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="sdpa",
+                                                 trust_remote_code=False).to(device).eval()
+    tokenizer = read_tokenizer(path)
+    if tokenizer is None:
+        raise UserError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return model, tokenizer, arm
 
 
@@ -132,11 +213,32 @@ def model_from_state(config: PretrainedConfig, state: dict[str, torch.Tensor], d
     return model
 
 
+def refuse_tokenizer_code(path: str | Path) -> None:
+    """A UserError when a tokenizer folder names a tokenizer class that only its own code defines (`auto_map`
+    without a class transformers ships): dlmstudy never runs code from a folder, and substituting another class
+    could tokenize differently."""
+    import transformers
+
+    config = Path(path) / "tokenizer_config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{config}: not readable JSON") from None
+    auto = (raw.get("auto_map") or {}) if isinstance(raw, dict) else {}
+    wanted = auto.get("AutoTokenizer") if isinstance(auto, dict) else None
+    shipped = hasattr(transformers, str(raw.get("tokenizer_class")))
+    if wanted and not shipped:
+        named = next((c for c in (wanted if isinstance(wanted, list) else [wanted]) if c), wanted)
+        raise UserError(f"{config}: its tokenizer is code in the folder ({named}); dlmstudy never runs code from "
+                        "an input folder (use a tokenizer transformers ships, e.g. tokenizer.json)")
+
+
 def read_tokenizer(path: str | Path) -> PreTrainedTokenizerBase | None:
     """The folder's tokenizer, or None when it has no tokenizer files."""
     path = Path(path)
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         return None
+    refuse_tokenizer_code(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -161,11 +263,14 @@ def load_pretrained(path: str | Path, *, device: str = "cpu", dtype: torch.dtype
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, Arm]:
     """(model, tokenizer or None, arm) from a dlmstudy, original-LLaDA or HF Qwen2/Llama folder, in eval mode."""
     path = Path(path)
-    layout, arm = detect_layout(path), folder_arm(path)
+    layout = detect_layout(path)
+    check_whole(path)
+    refuse_tokenizer_code(path)
+    arm = folder_arm(path)
     if layout == "llada":
         model = load_llada_original(path, device=device, dtype=dtype)
     else:
-        config = None if layout == "dlmstudy" else hf_config_from_json(path)
+        config = hf_config_from_json(path)  # a model type transformers ships: never code from the folder
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True, **kwargs)

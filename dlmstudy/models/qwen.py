@@ -27,7 +27,8 @@ def hf_config_from_json(path_or_dict: str | Path | dict[str, Any]) -> Pretrained
     model_type = raw.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         known = ", ".join(sorted(HF_MODEL_TYPES))
-        raise UserError(f"{name}: model_type {model_type!r} is not supported (known: {known}, or a LLaDA config)")
+        code = " (its auto_map names model code in the folder, which dlmstudy never runs)" if "auto_map" in raw else ""
+        raise UserError(f"{name}: model_type {model_type!r} is not supported{code} (known: {known}, or a LLaDA config)")
     config_class, _ = HF_MODEL_TYPES[model_type]
     return config_class.from_dict({k: v for k, v in raw.items() if k != "auto_map"})
 

@@ -9,6 +9,8 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
+from dlmstudy.damaged import read_record, set_aside
+from dlmstudy.models.checkpoints import checkpoint_problem
 from dlmstudy.runners.run import RESULT_FILE
 from dlmstudy.runners.study import Run
 
@@ -37,9 +39,20 @@ def run_lock(run_dir: Path):
         os.close(fd)
 
 
-def is_done(run: Run) -> bool:
-    """A run with result.json is finished and is never trained again."""
-    return (run.dir / RESULT_FILE).exists()
+def is_done(run: Run, progress=print) -> bool:
+    """A run with a readable result.json is finished and is never trained again. A damaged result, or a damaged
+    final checkpoint (which SFT, eval and generate read), is set aside (renamed <name>.damaged-<time>, reported)
+    so the run trains again."""
+    if read_record(run.dir / RESULT_FILE, expect={"run_id": run.run_id}, progress=progress) is None:
+        return False
+    final = run.dir / "checkpoint"
+    problem = checkpoint_problem(final) if final.is_dir() else None
+    if problem is None:
+        return True
+    moved = set_aside(final)
+    set_aside(run.dir / RESULT_FILE)
+    progress(f"{final}: damaged ({problem}); set aside as {moved.name} with its result.json, training the run again")
+    return False
 
 
 def read_result(run: Run) -> dict:
@@ -115,7 +128,7 @@ def run_queue(spec, *, only: list[str] | None = None, device: str | None = None,
     for i, run in enumerate(chosen, 1):
         tag = f"[{i}/{len(chosen)}] {run.run_id}"
         with ExitStack() as held:
-            action = ranks.share(_decide(run, held, started, max_minutes) if ranks.main else None)
+            action = ranks.share(_decide(run, held, started, max_minutes, say) if ranks.main else None)
             if action == "done":
                 say(f"{tag}: finished earlier, skipped")
                 results.append(read_result(run))
@@ -147,11 +160,11 @@ def result_line(run_id: str, result: dict) -> str:
             + (f", accuracy {acc}" if acc else ""))
 
 
-def _decide(run, held, started: float, max_minutes: float | None) -> str:
+def _decide(run, held, started: float, max_minutes: float | None, progress=print) -> str:
     """What to do with a run: "done", "train" (with its lock held in `held`), or why it is skipped."""
     import time
 
-    if is_done(run):
+    if is_done(run, progress):
         return "done"
     if max_minutes is not None and time.time() - started > 60 * max_minutes:
         return f"not started, the {max_minutes:g}-minute budget is spent; run again to continue"

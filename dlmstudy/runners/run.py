@@ -38,6 +38,7 @@ from dlmstudy.runners.device import supports_bf16
 from dlmstudy.runners.launch import process_rank
 from dlmstudy.runners.study import Run, StudyData, fast_path
 from dlmstudy.study.spec import StudySpec
+from dlmstudy.training.clock import TrainClock
 from dlmstudy.training.heads import compile_body
 from dlmstudy.training.registry import build_objective
 from dlmstudy.training.tracking import (
@@ -134,7 +135,8 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         validation_fn, spec: StudySpec, config: dict, data_collator=None, cuda_graphs: bool = False, progress=print):
     """The training loop every stage shares: DLMTrainer + tracking + complete-marked checkpoints + resume + SIGTERM.
 
-    Returns (trained model, metrics). Raises Interrupted after saving when a signal asked it to stop.
+    Returns (trained model, metrics; time and tokens/s over every segment of a resumed run). Raises Interrupted
+    after saving when a signal asked it to stop.
     """
     args = TrainingArguments(output_dir=str(run_dir / "checkpoints"), **arguments)
     tracker = None
@@ -142,17 +144,17 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         tracker = start_swanlab(project=spec.tracking.project, name=run_id, mode=spec.tracking.mode,
                                 logdir=run_dir / "swanlog", config=config)
     stopper = StopOnSignal()
+    resume = last_complete_checkpoint(run_dir / "checkpoints", progress)
+    if resume:
+        progress(f"{run_id}: resuming from {resume.name}")
+    clock = TrainClock(resume)
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          objective=objective, tokens_per_step=tokens_per_step, validation_fn=validation_fn,
                          data_collator=data_collator, cuda_graphs=cuda_graphs,
-                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
+                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), clock, CompleteMarker(), stopper])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     stopper.install()
-    resume = last_complete_checkpoint(run_dir / "checkpoints")
-    if resume:
-        progress(f"{run_id}: resuming from {resume.name}")
-    start_step = int(resume.name.split("-")[-1]) if resume else 0
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
@@ -161,9 +163,9 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     if stopper.requested:
         raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume",
                           stopper.signum)
-    trained = (trainer.state.global_step - start_step) * tokens_per_step
-    runtime = out.metrics.get("train_runtime", float("nan"))
-    return trainer.final_model(), {"train_runtime_s": runtime,
+    runtime = clock.before + out.metrics.get("train_runtime", float("nan"))  # this segment and those before it
+    trained = trainer.state.global_step * tokens_per_step
+    return trainer.final_model(), {"train_runtime_s": runtime, "train_segments": clock.segments,
                                    "train_tokens_per_s": trained / runtime if runtime else None,
                                    "steps": trainer.state.global_step, "tokens_per_step": tokens_per_step}
 
@@ -288,7 +290,7 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
                                         f"mc_num={ev.mc_num},batch_size={ev.batch_size}", ev.lm_eval.model_args]))
     results = run_eval(run.dir / "checkpoint", ev.lm_eval.tasks, include_path=include, model_args=model_args,
                        output_path=run.dir / "eval" / "lm_eval", log_samples=True, limit=ev.lm_eval.limit,
-                       device=device)
+                       device=device, allow_code=ev.lm_eval.allow_code)
     return {task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
             for task, m in (results or {}).get("results", {}).items()}
 

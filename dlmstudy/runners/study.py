@@ -26,8 +26,8 @@ from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config
 from dlmstudy.models.matching import check_match, match_arms, split_overrides
 from dlmstudy.models.params import ParamCounts, count_config
 from dlmstudy.models.registry import Arm, get_arm
-from dlmstudy.study.plan import DataSetting, data_settings, run_id
-from dlmstudy.study.spec import StudySpec
+from dlmstudy.study.plan import DataSetting, config_digest, data_settings, run_id
+from dlmstudy.study.spec import StudySpec, spec_digest
 
 
 @dataclass
@@ -222,7 +222,23 @@ def resolve_runs(spec: StudySpec, data: StudyData | None = None, *, tokens: Spec
                   for a in arms}
         check_match(counts, spec.model.match_tolerance)
         runs += _runs_at_size(spec, data, tokens, arms, sizes, counts, L, target)
+    check_distinct(runs)
     return runs
+
+
+def check_distinct(runs: list[Run]) -> None:
+    """Refuse two grid points that make one run (e.g. parameter targets that solve to one shape), which would
+    otherwise share a folder or train the same model twice under two labels."""
+    first: dict[str, Run] = {}
+    for run in runs:
+        same = config_digest({k: v for k, v in run.config.items() if k != "params_target"})
+        if same in first:
+            other = first[same]
+            where = (f"grid.params {other.config['params_target']:,} and {run.config['params_target']:,} give arm "
+                     f"{run.arm.name} the same shape" if other.config["params_target"] != run.config["params_target"]
+                     else f"runs {other.run_id} and {run.run_id} are the same")
+            raise UserError(f"{where}; keep one")
+        first[same] = run
 
 
 def _runs_at_size(spec: StudySpec, data: StudyData | None, tokens: SpecialTokens, arms: list[Arm],
@@ -262,9 +278,10 @@ def probe_items(spec: StudySpec, data: StudyData, runs: list[Run]) -> list[QAIte
 
 
 def write_study_index(spec: StudySpec, runs: list[Run], sft_runs: list | None = None) -> None:
-    """`runs/<study>/study.json`: the planned runs, so a report can list the ones still missing."""
+    """`runs/<study>/study.json`: the planned runs, so a report can list the ones still missing, and the spec's
+    digest, so a spec of the same name with other contents is refused (`check_study_folder`)."""
     path = study_dir(spec) / "study.json"
-    index = {"name": spec.name, "spec": spec.model_dump(), "runs": [
+    index = {"name": spec.name, "spec_digest": spec_digest(spec), "spec": spec.model_dump(), "runs": [
         {"run_id": r.run_id, "stage": "pretrain", "arm": r.arm.name, "unique_tokens": r.unique_tokens,
          "epochs": r.epochs, "total_tokens": r.total_tokens, "params_total": r.params.total,
          "params_non_embedding": r.params.non_embedding} for r in runs] + [

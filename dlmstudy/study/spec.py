@@ -1,25 +1,33 @@
-"""The study spec: one YAML file, validated strictly (unknown keys are errors naming key and file).
+"""The study spec: one YAML file, validated strictly when it loads (every problem at once, one line each
+naming the key and the file).
 
 `training:` is passed to `transformers.TrainingArguments` where the name exists there; the few
 keys that are ours (sequence length, LLaDA's random-length ratio, ...) live in `TrainingSpec`.
+Loading goes: the YAML read as untrusted input (`yaml_file`), the tutorial's names mapped (`names`),
+`training:` / `sft:` split and checked against TrainingArguments (`training_args`), each section
+validated on its own, checks across sections (`checks`), then the study folder (`check_study_folder`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
+import hashlib
+import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
+                      create_model, field_validator, model_validator)
 
 from dlmstudy.errors import UserError
 
 
 class Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors."""
+    """Base for every spec section: unknown keys are errors, and so are NaN and infinite numbers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TrackingSpec(Strict):
@@ -78,29 +86,29 @@ class DataSpec(Strict):
 class ModelSpec(Strict):
     """Size settings shared by every arm (or a parameter target solved per arm by `grid.params`)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    intermediate_size: int | None = None
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt | None = None
+    intermediate_size: PositiveInt | None = None
+    max_position_embeddings: PositiveInt = 2048
+    rope_theta: PositiveFloat = 10000.0
+    rms_norm_eps: PositiveFloat = 1e-5
     tie_word_embeddings: bool = False
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     match_tolerance: float = Field(0.02, ge=0.0, description="largest relative non-embedding difference between arms")
 
 
 class GridSpec(Strict):
     """The data settings: unique tokens (or people, for the built-in data) x epochs."""
 
-    unique_tokens: list[int] | None = None
-    unique_people: list[int] | None = None
-    epochs: list[float] | None = None
-    total_tokens: int | None = Field(None, description="fix total tokens and derive epochs = total / unique")
+    unique_tokens: list[PositiveInt] | None = Field(None, min_length=1)
+    unique_people: list[PositiveInt] | None = Field(None, min_length=1)
+    epochs: list[PositiveFloat] | None = Field(None, min_length=1)
+    total_tokens: PositiveInt | None = Field(None, description="fix total tokens and derive epochs = total / unique")
     pairing: Literal["zip", "product"] = "product"
-    params: list[int] | None = Field(None, description="parameter targets solved per arm by the aspect rule "
-                                     "(docs/arms.md); without it every run uses `model:`")
+    params: list[PositiveInt] | None = Field(None, min_length=1, description="parameter targets solved per arm by "
+                                             "the aspect rule (docs/arms.md); without it every run uses `model:`")
     params_kind: Literal["non_embedding", "total"] = "non_embedding"
 
     @model_validator(mode="after")
@@ -150,6 +158,8 @@ class LmEvalSpec(Strict):
     include_path: str | None = None
     limit: int | None = Field(None, ge=1)
     model_args: str = ""
+    allow_code: bool = Field(False, description="let task YAMLs in include_path run their `!function` hooks "
+                                                "(lm_eval imports that code from the folder)")
 
 
 class SamplerGridSpec(Strict):
@@ -157,9 +167,9 @@ class SamplerGridSpec(Strict):
     block_length, threshold, compiled) for diffusion runs; eager and compiled decoding for AR runs; each at
     every batch size."""
 
-    steps: list[int] = Field(default_factory=list)
-    block_length: list[int] = Field(default_factory=list)
-    threshold: list[float | None] = Field(default_factory=lambda: [None])
+    steps: list[PositiveInt] = Field(default_factory=list)
+    block_length: list[PositiveInt] = Field(default_factory=list)
+    threshold: list[Annotated[float, Field(ge=0.0, le=1.0)] | None] = Field(default_factory=lambda: [None])
     compiled: list[bool] = Field(default_factory=lambda: [False],
                                  description="also time the compiled samplers (same algorithm, CUDA graphs)")
     batch_size: list[PositiveInt] = Field(default_factory=list,
@@ -196,7 +206,7 @@ class SFTSpec(Strict):
     """
 
     source: str = "builtin:biographies"
-    epochs: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    epochs: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
     base: dict[str, str] = Field(default_factory=dict)
     from_run: Literal["most_unique", "all"] = "most_unique"
     max_length: int = Field(256, ge=8)
@@ -205,7 +215,7 @@ class SFTSpec(Strict):
     loss_norm: Literal["sequence", "token"] = "sequence"
     lora: bool = False
     r: int = Field(32, ge=1)
-    lora_alpha: float = 64
+    lora_alpha: PositiveFloat = 64
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     arguments: dict[str, Any] = Field(default_factory=dict)
@@ -262,10 +272,20 @@ def minutes_of(value: int | str) -> int:
     return total
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _study_name(v: str) -> str:
+    if not NAME.fullmatch(v) or ".." in v:
+        raise ValueError("a plain identifier: letters, digits, '_', '-' and '.', at most 64, starting with a "
+                         "letter or digit, no '..' (it names the folders runs_dir/<name> and reports_dir/<name>)")
+    return v
+
+
 class StudySpec(Strict):
     """A whole study: every arm trained on the same tokens with the same budget, evaluated the same way."""
 
-    name: str
+    name: Annotated[str, AfterValidator(_study_name)]
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     runs_dir: str = "runs"
@@ -281,77 +301,171 @@ class StudySpec(Strict):
     sft: SFTSpec | None = None
     cluster: ClusterSpec | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ "):
-            raise ValueError("name must be non-empty with no spaces or slashes")
-        return v
 
-
-def _training_argument_names() -> set[str]:
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments)}
-
-
-# Names older transformers (and the tutorial's configs) use, mapped onto today's TrainingArguments.
-TRAINING_ALIASES = {"warmup_ratio": "warmup_steps"}  # transformers 5: a float warmup_steps < 1 is a ratio
-
-
-def _split_training(raw: dict[str, Any], path: Path, section: str = "training",
-                    ours: set[str] | None = None) -> dict[str, Any]:
-    """Move TrainingArguments names under `<section>.arguments`; anything unknown is an error."""
-    ours = (set(TrainingSpec.model_fields) if ours is None else ours) - {"arguments"}
-    hf = _training_argument_names()
-    out: dict[str, Any] = {"arguments": dict(raw.pop("arguments", {}) or {})}
-    for key, value in raw.items():
-        key = TRAINING_ALIASES.get(key, key)
-        if key in ours:
-            out[key] = value
-        elif key in hf:
-            out["arguments"][key] = value
-        else:
-            raise UserError(f"{path}: unknown key '{section}.{key}' (not a dlmstudy or transformers.TrainingArguments setting)")
+def _where(loc: tuple) -> str:
+    """A pydantic error location as the spec key: `grid.unique_tokens[0]`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out
 
 
-def _format_error(err: ValidationError, path: Path) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"{path}: unknown key '{loc}'"
-    if first["type"] == "missing":
-        return f"{path}: missing key '{loc}'"
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{path}: {loc + ': ' if loc else ''}{msg} (got {first.get('input')!r})" if loc else f"{path}: {msg}"
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_spec(raw: dict[str, Any], path: str | Path = "<spec>") -> StudySpec:
-    """Validate a spec dictionary; errors are one-line UserErrors naming the key and the file."""
-    path = Path(path)
+def _format(err: ValidationError) -> list[str]:
+    """One line per error of `err`, each naming its key."""
+    from dlmstudy.study import names, training_args
+
+    lines = []
+    for e in err.errors():
+        key = _where(e["loc"])
+        last = str(e["loc"][-1]) if e["loc"] else ""
+        if e["type"] == "extra_forbidden":
+            hint = names.where_instead(last) if len(e["loc"]) == 1 else None
+            if len(e["loc"]) == 1 and last in training_args.names():
+                hint = f"training.{last} (TrainingArguments names go under training:)"
+            lines.append(f"unknown key '{key}'" + (f" (write it as {hint})" if hint else ""))
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            msg = msg[:1].lower() + msg[1:]
+            got = "" if isinstance(e.get("input"), dict) else f" (got {_shown(e.get('input'))})"
+            lines.append(f"{key}: {msg}{got}" if key else msg)
+    return lines
+
+
+@functools.cache
+def _section_model(name: str) -> type[BaseModel]:
+    """A model of StudySpec's field `name` alone, so each section validates without the others."""
+    field = StudySpec.model_fields[name]
+    return create_model(f"StudySpec_{name}", __base__=Strict, **{name: (field.annotation, field)})
+
+
+def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Each top-level section validated on its own: (the valid ones, every problem of the others)."""
+    sections, problems = {}, []
+    for name in StudySpec.model_fields:
+        if name not in raw:
+            continue
+        try:
+            sections[name] = getattr(_section_model(name).model_validate({name: raw[name]}), name)
+        except ValidationError as err:
+            problems += _format(err)
+    for name, field in StudySpec.model_fields.items():
+        if name not in raw:
+            if field.is_required():
+                problems.append(f"missing key '{name}'")
+            else:
+                sections[name] = field.get_default(call_default_factory=True)
+    problems += [f"unknown key '{k}'" + (f" (write it as {h})" if (h := _hint(k)) else "")
+                 for k in raw if k not in StudySpec.model_fields]
+    return sections, problems
+
+
+def _hint(key: Any) -> str | None:
+    from dlmstudy.study import names, training_args
+
+    if not isinstance(key, str):
+        return None
+    if key in training_args.names():
+        return f"training.{key} (TrainingArguments names go under training:)"
+    return names.where_instead(key)
+
+
+def spec_problems(raw: Any) -> tuple[StudySpec | None, list[str]]:
+    """The validated spec (None when there are problems) and every problem of `raw`, one line each."""
+    from dlmstudy.study import checks, names, training_args
+
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a study spec must be a YAML mapping")
-    raw = dict(raw)
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        return None, [f"a study spec must be a YAML mapping of its sections (got {got})"]
+    raw = copy.deepcopy(raw)
+    problems = names.apply_aliases(raw)
     if isinstance(raw.get("training"), dict):
-        raw["training"] = _split_training(dict(raw["training"]), path)
+        raw["training"], found = training_args.split_training(
+            raw["training"], "training", set(TrainingSpec.model_fields) - {"arguments"}, training_args.STUDY_SETS)
+        problems += found
     if isinstance(raw.get("sft"), dict):
-        raw["sft"] = _split_training(dict(raw["sft"]), path, "sft", set(SFTSpec.model_fields))
+        raw["sft"], found = training_args.split_training(
+            raw["sft"], "sft", set(SFTSpec.model_fields) - {"arguments"}, training_args.SFT_SETS)
+        problems += found
+    sections, found = _validate_sections(raw)
+    problems += found
+    problems += checks.cross_checks(sections)
+    if problems:
+        return None, list(dict.fromkeys(problems))
     try:
-        return StudySpec.model_validate(raw)
+        return StudySpec.model_validate(raw), []
     except ValidationError as err:
-        raise UserError(_format_error(err, path)) from None
+        return None, _format(err)
+
+
+class SpecError(UserError):
+    """Every problem of one spec file, one line each (`path: problem`)."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.problems = [f"{path}: {p}" for p in problems]
+        super().__init__("\n".join(self.problems))
+
+
+def parse_spec(raw: Any, path: str | Path = "<spec>") -> StudySpec:
+    """Validate a spec mapping; every problem is reported at once, each a line naming the key and the file."""
+    from dlmstudy.study import names
+
+    if isinstance(raw, dict) and names.looks_like_dllm(raw):
+        raise UserError(f"{path}: a dllm / tutorial training YAML (model_name_or_path, dataset_args, ...), not a "
+                        f"study spec (missing key 'name'); `dlmstudy import-dllm {path}` converts it")
+    spec, problems = spec_problems(raw)
+    if problems:
+        raise SpecError(path, problems)
+    return spec
+
+
+# What a study is made of, for its digest: all but where it is written, how it is tracked, and the switches that
+# change speed, not results (as run ids leave them out).
+NOT_IDENTITY = {"runs_dir": True, "reports_dir": True, "tracking": True,
+                "training": {"fast_head", "head_chunk", "compile", "cuda_graphs"},
+                "evaluation": {"compiled": True, "lm_eval": {"allow_code"}, "sampler_grid": {"compiled", "batch_size"}}}
+
+
+def _pruned(value: Any) -> Any:
+    """`value` without the mappings left empty (a section whose every given key is excluded is no difference)."""
+    if not isinstance(value, dict):
+        return value
+    kept = {k: _pruned(v) for k, v in value.items()}
+    return {k: v for k, v in kept.items() if v != {}}
+
+
+def spec_digest(spec: StudySpec) -> str:
+    """A hash of what the study is (settings left at their defaults do not count, so new keys keep old digests)."""
+    content = _pruned(spec.model_dump(mode="json", exclude_defaults=True, exclude=NOT_IDENTITY))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_study_folder(spec: StudySpec) -> list[str]:
+    """A study folder holds one spec's runs: one written by a spec of the same name with other contents refuses
+    this one (its runs would be mixed into one report)."""
+    index = Path(spec.runs_dir) / spec.name / "study.json"
+    try:
+        recorded = json.loads(index.read_text()).get("spec_digest") if index.is_file() else None
+    except (OSError, ValueError, AttributeError):  # an unreadable index is rewritten by the next run
+        return []
+    if recorded is None or recorded == spec_digest(spec):
+        return []
+    return [f"name: {index.parent} holds the runs of another spec named {spec.name!r} (digest {recorded}, this one "
+            f"{spec_digest(spec)}); give this study a new name, or move {index.parent} away to start it over"]
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a study spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML") from None
-    return parse_spec(raw, path)
+    """Read and validate a study spec file, and check that its study folder holds no other spec's runs."""
+    from dlmstudy.study.yaml_file import read_yaml
+
+    spec = parse_spec(read_yaml(path), path)
+    problems = check_study_folder(spec)
+    if problems:
+        raise SpecError(path, problems)
+    return spec

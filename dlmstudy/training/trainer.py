@@ -18,6 +18,8 @@ from accelerate.utils import DistributedType
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 
+from dlmstudy.damaged import set_aside
+from dlmstudy.models.checkpoints import checkpoint_problem
 from dlmstudy.training.clipping import clip_in_step, folds_clipping
 from dlmstudy.training.heads import uncompile_body
 
@@ -138,8 +140,10 @@ class CompleteMarker(TrainerCallback):
                 (folder / COMPLETE_MARK).touch()
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint with a completion mark; unmarked (partial) checkpoints are removed."""
+def last_complete_checkpoint(folder: Path, progress: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint with a completion mark whose files are whole; unmarked (partial) checkpoints are
+    removed, and a marked one found damaged (a file cut short or unreadable) is set aside into `damaged/` beside
+    the folder and reported, so the run resumes from the one before it."""
     if not folder.is_dir():
         return None
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -148,4 +152,14 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     for p in found:
         if p not in complete:
             shutil.rmtree(p, ignore_errors=True)
-    return complete[-1] if complete else None
+    while complete:
+        newest = complete.pop()
+        problem = checkpoint_problem(newest)
+        if problem is None:
+            return newest
+        try:
+            moved = set_aside(newest, into=folder.parent / "damaged")
+        except FileNotFoundError:  # another process of the same run set it aside first
+            continue
+        progress(f"{newest}: damaged ({problem}); set aside as {moved}, resuming from the checkpoint before it")
+    return None
