@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
 
+from dlmstudy import __version__
 from dlmstudy.errors import UserError
 
 DEFAULT_SPEC = "studies/smoke.yaml"
@@ -144,13 +146,21 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from dlmstudy.evaluation.hub import offline_reason
+
+    offline = offline_reason(a.offline)
+    if offline and offline.startswith("no network"):
+        print(f"dlmstudy: lm_eval runs offline ({offline}): hub tasks need their datasets in the local "
+              "Hugging Face cache", file=sys.stderr)
     from dlmstudy.evaluation.harness import run_eval
     from dlmstudy.runners.device import resolve_device
 
-    results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], include_path=a.include_path,
-                       model_args=a.model_args, output_path=a.output_path, log_samples=a.log_samples,
-                       apply_chat_template=a.apply_chat_template, device=resolve_device(a.device),
-                       limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit)
+    results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], model=a.model,
+                       include_path=a.include_path, model_args=a.model_args, output_path=a.output_path,
+                       log_samples=a.log_samples, apply_chat_template=a.apply_chat_template,
+                       device=resolve_device(a.device), limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit,
+                       num_fewshot=a.num_fewshot, gen_kwargs=a.gen_kwargs, batch_size=a.batch_size,
+                       max_batch_size=a.max_batch_size, offline=offline)
     if results is None:
         return
     for task, metrics in sorted(results.get("results", {}).items()):
@@ -191,16 +201,41 @@ def cmd_chat(a: argparse.Namespace) -> None:
     run_chat(bot, terminal_lines(), lambda line: print(line, flush=True), show_steps=a.show_steps)
 
 
+class Typed(argparse.Action):
+    """Stores the value and remembers the flag as typed (`--max_new_tokens`), so that errors name that flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.typed = {**(getattr(namespace, "typed", None) or {}), self.dest: option_string}
+
+
+# The sampler's names for the decoding flags (gen_length, cfg_scale, ...), by flag destination.
+SAMPLER_NAMES = {"max_length": ("gen_length", "max_new_tokens", "max_length"), "block_length": ("block_length",),
+                 "cfg": ("cfg_scale", "cfg")}
+
+
+def as_typed(message: str, typed: dict[str, str]) -> str:
+    """An error message with the sampler's names replaced by the flags the user typed (or their first names)."""
+    for dest, names in SAMPLER_NAMES.items():
+        flag = typed.get(dest, f"--{dest}")
+        message = re.sub(rf"(?<![\w-])(?:--)?(?:{'|'.join(names)})(?!\w)", flag, message)
+    return message
+
+
 def add_decoding_flags(s: argparse.ArgumentParser) -> None:
-    """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given")."""
+    """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given").
+
+    dllm's and transformers' names are accepted beside ours: --max_new_tokens and --gen_length for
+    --max_length, --block_size for --block_length, --cfg_scale for --cfg."""
     s.add_argument("--model_name_or_path", required=True,
                    help="checkpoint, finished run, LLaDA or HF Qwen2/Llama folder")
-    s.add_argument("--max_length", "--gen_length", dest="max_length", type=int, default=128,
-                   help="tokens to generate (default 128)")
+    s.add_argument("--max_length", "--gen_length", "--max_new_tokens", dest="max_length", type=int, default=128,
+                   action=Typed, help="tokens to generate (default 128)")
     s.add_argument("--steps", type=int, help="diffusion: sampling steps (default max_length)")
-    s.add_argument("--block_length", type=int, help="diffusion: block length (default min(32, max_length))")
+    s.add_argument("--block_length", "--block_size", dest="block_length", type=int, action=Typed,
+                   help="diffusion: block length (default min(32, max_length))")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float,
+    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float, action=Typed,
                    help="diffusion: classifier-free guidance scale (default 0)")
     s.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion (default low_confidence)")
     s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident "
@@ -219,11 +254,13 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    help="after each answer, show it step by step as it was unmasked")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(decoding=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
                                 "and autoregressive (Qwen2) language models.")
+    p.add_argument("--version", action="version", version=f"dlmstudy {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="train and evaluate every run of a study, then write its report")
@@ -249,16 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default reports/<study>)")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint or finished run with lm_eval, offline")
+    s = sub.add_parser("eval", help="evaluate a checkpoint or finished run with lm_eval (online when you are)")
     s.add_argument("--checkpoint", help="checkpoint folder or finished run folder (or pretrained= in --model_args)")
+    s.add_argument("--model", help="lm_eval model name: dlmstudy (the checkpoint's arm decides, default), "
+                   "llada or dlmstudy_mdm (diffusion), dlmstudy_ar or hf (AR)")
     s.add_argument("--tasks", required=True, help="comma-separated lm_eval task names, e.g. bio_qa_forward,bio_mc")
     s.add_argument("--include_path", help="folder of local lm_eval task YAMLs (the built-in bio tasks need none)")
     s.add_argument("--model_args", default="", help="e.g. mc_num=1,max_length=1024,steps=256,block_size=64,cfg=0.0")
+    s.add_argument("--num_fewshot", type=int, help="examples in each prompt's few-shot context (default: the task's)")
+    s.add_argument("--gen_kwargs", help="generation arguments updating the tasks', e.g. temperature=0,max_gen_toks=64")
+    s.add_argument("--batch_size", help="rows per forward pass: an integer, or auto (= --max_batch_size); "
+                   "default: the model's (diffusion 32, AR 16)")
+    s.add_argument("--max_batch_size", type=int, help="the batch size that --batch_size auto takes")
     s.add_argument("--output_path", help="where results.json and samples_<task>.jsonl go")
     s.add_argument("--log_samples", action="store_true")
     s.add_argument("--apply_chat_template", action="store_true")
     s.add_argument("--limit", type=float, help="at most this many items per task (a fraction if < 1)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    s.add_argument("--offline", action="store_true", help="never reach the Hub: hub tasks need their datasets in "
+                   "the local cache (also with HF_HUB_OFFLINE=1, and when there is no network)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint, no peft needed")
@@ -303,18 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_chat)
     for parser in (p, *sub.choices.values()):
         parser.allow_abbrev = False  # `plan --device cuda` must not silently mean `--device_name cuda`
+    for parser in sub.choices.values():
+        parser.set_defaults(command_parser=parser, typed={}, decoding=bool(parser.get_default("decoding")))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the subcommand's own usage, not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.func is not cmd_eval:  # eval decides for itself: online when the user is (evaluation/hub.py)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         args.func(args)
     except UserError as err:
-        print(f"dlmstudy: error: {err}", file=sys.stderr)
+        message = as_typed(str(err), args.typed) if args.decoding else str(err)
+        print(f"dlmstudy: error: {message}", file=sys.stderr)
         return 2
     return 0
 
