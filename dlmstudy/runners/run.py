@@ -252,6 +252,7 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
     """lm_eval on the run's final checkpoint; the built-in bio tasks are written for the probe people."""
     from dlmstudy.data.biographies import generate_people
     from dlmstudy.evaluation.harness import run_eval
+    from dlmstudy.evaluation.lm_eval_models import for_sampler, parse_model_args
     from dlmstudy.evaluation.tasks import write_tasks
 
     ev = spec.evaluation
@@ -264,8 +265,9 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
         people = [p for p in generate_people(spec.data.pretrain.people, seed=spec.data.seed) if p.name in names]
         include = write_tasks(run.dir.parent / "_cache" / "lm_eval_tasks", people,
                               ppl_documents=data.corpus.validation_docs[:50], max_gen_toks=ev.gen_length, seed=spec.seed)
-    model_args = ",".join(filter(None, [f"steps={ev.steps},gen_length={ev.gen_length},block_length={ev.block_length},"
-                                        f"mc_num={ev.mc_num},batch_size={ev.batch_size}", ev.lm_eval.model_args]))
+    model_args = for_sampler(f"steps={ev.steps},gen_length={ev.gen_length},block_length={ev.block_length},"
+                             f"mc_num={ev.mc_num},batch_size={ev.batch_size}", run.arm.sampler)
+    model_args.update(parse_model_args(for_sampler(ev.lm_eval.model_args, run.arm.sampler)))  # the spec's win
     results = run_eval(run.dir / "checkpoint", ev.lm_eval.tasks, include_path=include, model_args=model_args,
                        output_path=run.dir / "eval" / "lm_eval", log_samples=True, limit=ev.lm_eval.limit,
                        device=device)
