@@ -32,8 +32,10 @@ def cmd_run(a: argparse.Namespace) -> None:
     from dlmstudy.runners.queue import run_queue
     from dlmstudy.runners.run import Interrupted
     from dlmstudy.study.spec import load_spec
+    from dlmstudy.training.tracking import check_tracking
 
     spec = load_spec(a.spec or default_spec())
+    check_tracking(spec.tracking)  # online without a login: one line before any data is prepared
     if a.num_processes > 1 and not is_launched():
         raise SystemExit(relaunch(a.argv, num_processes=a.num_processes, config=a.launch_config,
                                   device=a.device or spec.device))

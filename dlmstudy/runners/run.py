@@ -43,7 +43,7 @@ from dlmstudy.training.registry import build_objective
 from dlmstudy.training.tracking import (
     QuietProgress,
     ScalarMirror,
-    finish_swanlab,
+    finish_tracking,
     read_scalars,
     start_swanlab,
 )
@@ -114,18 +114,19 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         validation_fn, spec: StudySpec, config: dict, data_collator=None, cuda_graphs: bool = False, progress=print):
     """The training loop every stage shares: DLMTrainer + tracking + complete-marked checkpoints + resume + SIGTERM.
 
-    Returns (trained model, metrics). Raises Interrupted after saving when a signal asked it to stop.
+    Returns (trained model, metrics), the run's SwanLab experiment still open for the final evaluation (the caller
+    closes it with `finish_tracking`). Raises Interrupted after saving when a signal asked it to stop.
     """
-    args = TrainingArguments(output_dir=str(run_dir / "checkpoints"), **arguments)
-    tracker = None
-    if spec.tracking.report_to == "swanlab" and process_rank() == 0:
-        tracker = start_swanlab(project=spec.tracking.project, name=run_id, mode=spec.tracking.mode,
-                                logdir=run_dir / "swanlog", config=config)
+    tracker = start_swanlab(spec.tracking, name=run_id, logdir=run_dir / "swanlog", config=config) \
+        if process_rank() == 0 else None
+    # transformers' SwanLabCallback logs into the run opened here; it stays open for the final evaluation
+    args = TrainingArguments(output_dir=str(run_dir / "checkpoints"),
+                             **{**arguments, "report_to": ["swanlab"] if tracker is not None else "none"})
     stopper = StopOnSignal()
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          objective=objective, tokens_per_step=tokens_per_step, validation_fn=validation_fn,
                          data_collator=data_collator, cuda_graphs=cuda_graphs,
-                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), CompleteMarker(), stopper])
+                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl"), CompleteMarker(), stopper])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     stopper.install()
@@ -135,11 +136,14 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     start_step = int(resume.name.split("-")[-1]) if resume else 0
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException as err:
+        finish_tracking(error=f"{type(err).__name__}: {err}")
+        raise
     finally:
-        finish_swanlab(tracker)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if stopper.requested:
+        finish_tracking(error="stopped on a signal; resumes next time")
         raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume")
     trained = (trainer.state.global_step - start_step) * tokens_per_step
     runtime = out.metrics.get("train_runtime", float("nan"))
@@ -298,6 +302,7 @@ def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes:
     scalars = read_scalars(run.dir)
     val_curve = [v for v in [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
                  if math.isfinite(v)]
+    finish_tracking({**metrics, "best_val_loss": min(val_curve, default=float("nan"))})
     diverged = not math.isfinite(metrics["final_val_loss"])
     if diverged:
         progress(f"{run.run_id}: DIVERGED (non-finite validation loss); the report lists it and leaves it out of fits")
