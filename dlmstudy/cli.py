@@ -173,6 +173,20 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"results: {a.output_path}")
 
 
+def cmd_import_dllm(a: argparse.Namespace) -> None:
+    from dlmstudy.atomic import write_text_atomic
+    from dlmstudy.study.dllm_import import import_dllm
+
+    imported = import_dllm(a.config, stage=a.stage, arms=a.arms, tokens_per_document=a.tokens_per_document)
+    text = imported.text(a.config)
+    if a.output is None:  # the lines head the spec as comments
+        print(text, end="")
+        return
+    write_text_atomic(Path(a.output), text)
+    print("\n".join(imported.lines))
+    print(f"spec: {a.output} (dlmstudy plan {a.output})")
+
+
 def cmd_merge_lora(a: argparse.Namespace) -> None:
     from dlmstudy.training.merge import merge_lora
 
@@ -308,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offline", action="store_true", help="never reach the Hub: hub tasks need their datasets in "
                    "the local cache (also with HF_HUB_OFFLINE=1, and when there is no network)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("import-dllm", help="a dllm or tutorial training YAML as a study spec, with a line for "
+                       "every key it maps or drops")
+    s.add_argument("config", help="the dllm YAML, e.g. configs/llada-100M-pt-npu.yaml")
+    s.add_argument("-o", "--output", help="write the spec here (default: print it, headed by the lines as comments)")
+    s.add_argument("--stage", default="auto", choices=["auto", "pretrain", "sft"],
+                   help="auto: sft when the file has LoRA keys, else pretrain")
+    s.add_argument("--arms", nargs="+", help="the study's arms (default: the file's own model, e.g. llada; "
+                   "add qwen to compare)")
+    s.add_argument("--tokens_per_document", type=int, default=524,
+                   help="to size the grid from dataset_args' train:N documents (default 524, the tutorial's C4)")
+    s.set_defaults(func=cmd_import_dllm)
 
     s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint, no peft needed")
     s.add_argument("--lora_path", required=True, help="adapter folder (adapter_config.json)")
