@@ -57,8 +57,20 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
     spec = load_spec(a.spec or default_spec())
     plan = plan_study(spec)
-    bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.exists() else None)
-    estimates = estimate_runs(spec, plan.runs, load_bench(bench) if bench else [], device_name=a.device_name)
+    if a.calibrate:
+        from dlmstudy.runners.calibration import cache_file, calibrate
+        from dlmstudy.runners.device import device_name, resolve_device
+
+        if a.bench:
+            raise UserError("--calibrate times the runs on this machine and --bench by a file: give one of them")
+        device = resolve_device(a.device or spec.device)
+        records = calibrate(spec, plan.runs, device, progress=lambda m: print(m, file=sys.stderr))
+        source = f"a calibration on this machine ({device_name(device)}; cached in {cache_file(device)})"
+    else:
+        device = a.device or "cuda"
+        bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.is_file() else None)
+        records, source = (load_bench(bench) if bench else []), bench or "no bench file (pass --bench FILE or --calibrate)"
+    estimates = estimate_runs(spec, plan.runs, records, device_name=a.device_name, device=device)
     rows = [{"stage": "pretrain", "run_id": r.run_id if plan.exact_ids else None, "label": r.run_id,
              "arm": r.arm.name, "params_total": r.params.total, "params_non_embedding": r.params.non_embedding,
              "unique_tokens": r.unique_tokens, "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens,
@@ -85,7 +97,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         print("FLOPs = 6 N D, N = matmul weights with the output head (as dlmstudy bench counts; the report's "
               "FLOPs use non-embedding N)")
         print(f"time: training steps and validation passes on one device (no checkpoints, QA sampling or start-up), "
-              f"from {bench or 'no bench file (pass --bench FILE)'}")
+              f"from {source}")
         print(f"{'run':<40} {'arm':<12} {'params':>8} {'non-emb':>8} {'unique':>8} {'epochs':>7} {'total':>8} "
               f"{'FLOPs':>8} {'time':>8}")
     for r in rows:
@@ -105,6 +117,9 @@ def cmd_plan(a: argparse.Namespace) -> None:
         if e.batch < record.batch:
             print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
                   "smaller batches run below the record's MFU, so read the time as a lower bound")
+        elif e.batch > record.batch:
+            print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
+                  "larger batches usually run faster, so read the time as an upper bound")
     if rows:
         known = [e.total_seconds for e in estimates if e.total_seconds is not None]
         time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
@@ -295,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON rows (missing inputs go to stderr)")
     s.add_argument("--bench", help="dlmstudy bench --json file to time the runs by (default: the shipped H200 records)")
     s.add_argument("--device_name", help="time by bench records of this device only (a substring, e.g. H200)")
+    s.add_argument("--calibrate", action="store_true", help="time a few training steps of each arm and size on this "
+                   "machine (cached per device) and estimate the study by them: CPU and NPU have no shipped records")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"],
+                   help="the device to calibrate on (default: the spec's)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("report", help="rebuild a study's report from its run folders (never retrains)")
