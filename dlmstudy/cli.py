@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gen_kwargs", help="generation arguments updating the tasks', e.g. temperature=0,max_gen_toks=64")
     s.add_argument("--batch_size", help="rows per forward pass: an integer, or auto (= --max_batch_size); "
                    "default: the model's (diffusion 32, AR 16)")
-    s.add_argument("--max_batch_size", type=int, help="the batch size that --batch_size auto takes")
+    s.add_argument("--max_batch_size", type=int, help="the batch size that --batch_size auto takes (given alone: "
+                   "--batch_size auto)")
     s.add_argument("--output_path", help="where results.json and samples_<task>.jsonl go")
     s.add_argument("--log_samples", action="store_true")
     s.add_argument("--apply_chat_template", action="store_true")

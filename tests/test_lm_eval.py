@@ -306,6 +306,7 @@ def test_eval_model_name_and_batch_flags_are_checked_in_one_line(checkpoints, re
     assert capsys.readouterr().err.strip() == "dlmstudy: error: --batch_size 4 and model_args batch_size=8 disagree"
     assert main([*base, "--model", "dlmstudy_ar", "--batch_size", "4", "--model_args", "batch_size=4"]) == 0
     assert recorded and recorded[-1]["model"].batch_size == 4
+    assert main([*base, "--max_batch_size", "3"]) == 0 and recorded[-1]["model"].batch_size == 3  # the tutorial's
 
 
 def test_diffusion_generation_takes_the_tasks_temperature_and_names_unused_gen_kwargs(tokenizer, caplog):

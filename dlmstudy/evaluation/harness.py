@@ -108,7 +108,10 @@ def _hub_error(exc: BaseException) -> str | None:
 
 
 def _merge_batch(args: dict[str, Any], batch_size: int | str | None, max_batch_size: int | None) -> dict[str, Any]:
-    """model_args with --batch_size / --max_batch_size added; the same setting given twice must agree."""
+    """model_args with --batch_size / --max_batch_size added; the same setting given twice must agree. A
+    max_batch_size with no batch size anywhere means `batch_size=auto`: the largest, up to it."""
+    if max_batch_size is not None and batch_size is None and "batch_size" not in args:
+        batch_size = "auto"
     for key, value in (("batch_size", batch_size), ("max_batch_size", max_batch_size)):
         if value is None:
             continue
