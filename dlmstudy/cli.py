@@ -128,7 +128,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
     lora = f", LoRA r {spec.sft.r}" if spec.sft and spec.sft.lora else ""
     for r in sft_rows:
         print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} SFT {r['sft_epochs']} epochs from {r['base']}{lora}; "
-              "time not estimated (no bench record of SFT)")
+              "time not estimated (its rows and the base model's speed are known only once loaded)")
     for m in plan.missing:
         print(f"missing: {m}")
 
