@@ -69,7 +69,8 @@ def cmd_plan(a: argparse.Namespace) -> None:
     else:
         device = a.device or "cuda"
         bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.is_file() else None)
-        records, source = (load_bench(bench) if bench else []), bench or "no bench file (pass --bench FILE or --calibrate)"
+        records = load_bench(bench) if bench else []
+        source = bench or "no bench file (pass --bench FILE or --calibrate)"
     estimates = estimate_runs(spec, plan.runs, records, device_name=a.device_name, device=device)
     rows = [{"stage": "pretrain", "run_id": r.run_id if plan.exact_ids else None, "label": r.run_id,
              "arm": r.arm.name, "params_total": r.params.total, "params_non_embedding": r.params.non_embedding,

@@ -187,7 +187,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{path}: run is not finished (no result.json), so it has no final checkpoint")
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    raise UserError(f"{path}: neither a dlmstudy checkpoint (no {META_FILE}) nor a finished run folder (no result.json)")
+    raise UserError(f"{path}: neither a dlmstudy checkpoint (no {META_FILE}) nor a finished run folder "
+                    "(no result.json)")
 
 
 def _arm_name(pretrained, sampler: str, arm: str | None) -> str:

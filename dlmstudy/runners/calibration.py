@@ -4,9 +4,10 @@ the figures, and time the study's runs by them (the shipped records are an H200'
 Each (arm, model shape, vocabulary, sequence length, training path) of the plan is built with random weights
 and trained on random tokens for a few steps, timed as `dlmstudy bench` times them (runners/bench.py), the
 fastest of three timings of about a second each: on CPU at most CPU_TOKENS_PER_STEP tokens a step (seconds to
-a few minutes per shape), on an accelerator at the run's own batch. The records are cached per device in <cache>/calibration/<device>.json (DLMSTUDY_CACHE, else
-~/.cache/dlmstudy) under a key of everything that sets the speed, torch's version included, so a second plan
-measures nothing; a damaged cache file is set aside and measured again.
+a few minutes per shape), on an accelerator at the run's own batch. The records are cached per device in
+<cache>/calibration/<device>.json (DLMSTUDY_CACHE, else ~/.cache/dlmstudy) under a key of everything that
+sets the speed, torch's version included, so a second plan measures nothing; a damaged cache file is set
+aside and measured again.
 """
 
 from __future__ import annotations
