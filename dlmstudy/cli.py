@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_flags(s)
     s.set_defaults(func=cmd_chat)
     for parser in (p, *sub.choices.values()):
-        parser.allow_abbrev = False  # `plan --device cuda` must not silently mean `--device_name cuda`
+        parser.allow_abbrev = False  # `plan --device_n cuda` must not silently mean `--device_name cuda`
     for parser in sub.choices.values():
         parser.set_defaults(command_parser=parser, typed={}, decoding=bool(parser.get_default("decoding")))
     return p
