@@ -117,8 +117,8 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     Returns (trained model, metrics), the run's SwanLab experiment still open for the final evaluation (the caller
     closes it with `finish_tracking`). Raises Interrupted after saving when a signal asked it to stop.
     """
-    tracker = start_swanlab(spec.tracking, name=run_id, logdir=run_dir / "swanlog", config=config) \
-        if process_rank() == 0 else None
+    tracker = (start_swanlab(spec.tracking, name=run_id, logdir=run_dir / "swanlog", config=config)
+               if process_rank() == 0 else None)
     # transformers' SwanLabCallback logs into the run opened here; it stays open for the final evaluation
     args = TrainingArguments(output_dir=str(run_dir / "checkpoints"),
                              **{**arguments, "report_to": ["swanlab"] if tracker is not None else "none"})
