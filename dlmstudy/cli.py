@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
 
+from dlmstudy import __version__
 from dlmstudy.errors import UserError
 
 DEFAULT_SPEC = "studies/smoke.yaml"
@@ -30,8 +32,10 @@ def cmd_run(a: argparse.Namespace) -> None:
     from dlmstudy.runners.queue import run_queue
     from dlmstudy.runners.run import Interrupted
     from dlmstudy.study.spec import load_spec
+    from dlmstudy.training.tracking import check_tracking
 
     spec = load_spec(a.spec or default_spec())
+    check_tracking(spec.tracking)  # online without a login: one line before any data is prepared
     if a.workers is not None or a.slurm:
         return run_scheduled(a, spec)
     if a.num_processes > 1 and not is_launched():
@@ -116,8 +120,21 @@ def cmd_plan(a: argparse.Namespace) -> None:
 
     spec = load_spec(a.spec or default_spec())
     plan = plan_study(spec)
-    bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.exists() else None)
-    estimates = estimate_runs(spec, plan.runs, load_bench(bench) if bench else [], device_name=a.device_name)
+    if a.calibrate:
+        from dlmstudy.runners.calibration import cache_file, calibrate
+        from dlmstudy.runners.device import device_name, resolve_device
+
+        if a.bench:
+            raise UserError("--calibrate times the runs on this machine and --bench by a file: give one of them")
+        device = resolve_device(a.device or spec.device)
+        records = calibrate(spec, plan.runs, device, progress=lambda m: print(m, file=sys.stderr))
+        source = f"a calibration on this machine ({device_name(device)}; cached in {cache_file(device)})"
+    else:
+        device = a.device or "cuda"
+        bench = a.bench or (SHIPPED_BENCH if SHIPPED_BENCH.is_file() else None)
+        records = load_bench(bench) if bench else []
+        source = bench or "no bench file (pass --bench FILE or --calibrate)"
+    estimates = estimate_runs(spec, plan.runs, records, device_name=a.device_name, device=device)
     rows = [{"stage": "pretrain", "run_id": r.run_id if plan.exact_ids else None, "label": r.run_id,
              "arm": r.arm.name, "params_total": r.params.total, "params_non_embedding": r.params.non_embedding,
              "unique_tokens": r.unique_tokens, "epochs": round(r.epochs, 3), "total_tokens": r.total_tokens,
@@ -144,7 +161,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
         print("FLOPs = 6 N D, N = matmul weights with the output head (as dlmstudy bench counts; the report's "
               "FLOPs use non-embedding N)")
         print(f"time: training steps and validation passes on one device (no checkpoints, QA sampling or start-up), "
-              f"from {bench or 'no bench file (pass --bench FILE)'}")
+              f"from {source}")
         print(f"{'run':<40} {'arm':<12} {'params':>8} {'non-emb':>8} {'unique':>8} {'epochs':>7} {'total':>8} "
               f"{'FLOPs':>8} {'time':>8}")
     for r in rows:
@@ -164,6 +181,9 @@ def cmd_plan(a: argparse.Namespace) -> None:
         if e.batch < record.batch:
             print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
                   "smaller batches run below the record's MFU, so read the time as a lower bound")
+        elif e.batch > record.batch:
+            print(f"  the run steps {e.batch} sequences per device, the record {record.batch}: "
+                  "larger batches usually run faster, so read the time as an upper bound")
     if rows:
         known = [e.total_seconds for e in estimates if e.total_seconds is not None]
         time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
@@ -172,7 +192,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
     lora = f", LoRA r {spec.sft.r}" if spec.sft and spec.sft.lora else ""
     for r in sft_rows:
         print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} SFT {r['sft_epochs']} epochs from {r['base']}{lora}; "
-              "time not estimated (no bench record of SFT)")
+              "time not estimated (its rows and the base model's speed are known only once loaded)")
     for m in plan.missing:
         print(f"missing: {m}")
 
@@ -223,13 +243,21 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from dlmstudy.evaluation.hub import offline_reason
+
+    offline = offline_reason(a.offline)
+    if offline and offline.startswith("no network"):
+        print(f"dlmstudy: lm_eval runs offline ({offline}): hub tasks need their datasets in the local "
+              "Hugging Face cache", file=sys.stderr)
     from dlmstudy.evaluation.harness import run_eval
     from dlmstudy.runners.device import resolve_device
 
-    results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], include_path=a.include_path,
-                       model_args=a.model_args, output_path=a.output_path, log_samples=a.log_samples,
-                       apply_chat_template=a.apply_chat_template, device=resolve_device(a.device),
-                       limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit, allow_code=a.allow_code)
+    results = run_eval(a.checkpoint, [t for t in a.tasks.split(",") if t], model=a.model,
+                       include_path=a.include_path, model_args=a.model_args, output_path=a.output_path,
+                       log_samples=a.log_samples, apply_chat_template=a.apply_chat_template,
+                       device=resolve_device(a.device), limit=int(a.limit) if a.limit and a.limit >= 1 else a.limit,
+                       num_fewshot=a.num_fewshot, gen_kwargs=a.gen_kwargs, batch_size=a.batch_size,
+                       max_batch_size=a.max_batch_size, offline=offline, allow_code=a.allow_code)
     if results is None:
         return
     for task, metrics in sorted(results.get("results", {}).items()):
@@ -238,6 +266,20 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"{task}: {shown}")
     if a.output_path:
         print(f"results: {a.output_path}")
+
+
+def cmd_import_dllm(a: argparse.Namespace) -> None:
+    from dlmstudy.atomic import write_text_atomic
+    from dlmstudy.study.dllm_import import import_dllm
+
+    imported = import_dllm(a.config, stage=a.stage, arms=a.arms, tokens_per_document=a.tokens_per_document)
+    text = imported.text(a.config)
+    if a.output is None:  # the lines head the spec as comments
+        print(text, end="")
+        return
+    write_text_atomic(Path(a.output), text)
+    print("\n".join(imported.lines))
+    print(f"spec: {a.output} (dlmstudy plan {a.output})")
 
 
 def cmd_merge_lora(a: argparse.Namespace) -> None:
@@ -273,16 +315,41 @@ def cmd_chat(a: argparse.Namespace) -> None:
              show_speed=a.show_speed)
 
 
+class Typed(argparse.Action):
+    """Stores the value and remembers the flag as typed (`--max_new_tokens`), so that errors name that flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.typed = {**(getattr(namespace, "typed", None) or {}), self.dest: option_string}
+
+
+# The sampler's names for the decoding flags (gen_length, cfg_scale, ...), by flag destination.
+SAMPLER_NAMES = {"max_length": ("gen_length", "max_new_tokens", "max_length"), "block_length": ("block_length",),
+                 "cfg": ("cfg_scale", "cfg")}
+
+
+def as_typed(message: str, typed: dict[str, str]) -> str:
+    """An error message with the sampler's names replaced by the flags the user typed (or their first names)."""
+    for dest, names in SAMPLER_NAMES.items():
+        flag = typed.get(dest, f"--{dest}")
+        message = re.sub(rf"(?<![\w-])(?:--)?(?:{'|'.join(names)})(?!\w)", flag, message)
+    return message
+
+
 def add_decoding_flags(s: argparse.ArgumentParser) -> None:
-    """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given")."""
+    """Flags of generate and chat; the diffusion-only and AR-only ones default to None ("not given").
+
+    dllm's and transformers' names are accepted beside ours: --max_new_tokens and --gen_length for
+    --max_length, --block_size for --block_length, --cfg_scale for --cfg."""
     s.add_argument("--model_name_or_path", required=True,
                    help="checkpoint, finished run, LLaDA or HF Qwen2/Llama folder")
-    s.add_argument("--max_length", "--gen_length", dest="max_length", type=int, default=128,
-                   help="tokens to generate (default 128)")
+    s.add_argument("--max_length", "--gen_length", "--max_new_tokens", dest="max_length", type=int, default=128,
+                   action=Typed, help="tokens to generate (default 128)")
     s.add_argument("--steps", type=int, help="diffusion: sampling steps (default max_length)")
-    s.add_argument("--block_length", type=int, help="diffusion: block length (default min(32, max_length))")
+    s.add_argument("--block_length", "--block_size", dest="block_length", type=int, action=Typed,
+                   help="diffusion: block length (default min(32, max_length))")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float,
+    s.add_argument("--cfg", "--cfg_scale", dest="cfg", type=float, action=Typed,
                    help="diffusion: classifier-free guidance scale (default 0)")
     s.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion (default low_confidence)")
     s.add_argument("--threshold", type=float, help="diffusion, Fast-dLLM: commit every token at least this confident "
@@ -303,11 +370,13 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    help="after each answer, its generated tokens, steps, seconds and tokens/s (generate: on stderr)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(decoding=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmstudy", description="Matched studies of masked-diffusion (LLaDA) "
                                 "and autoregressive (Qwen2) language models.")
+    p.add_argument("--version", action="version", version=f"dlmstudy {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="train and evaluate every run of a study, then write its report")
@@ -341,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON rows (missing inputs go to stderr)")
     s.add_argument("--bench", help="dlmstudy bench --json file to time the runs by (default: the shipped H200 records)")
     s.add_argument("--device_name", help="time by bench records of this device only (a substring, e.g. H200)")
+    s.add_argument("--calibrate", action="store_true", help="time a few training steps of each arm and size on this "
+                   "machine (cached per device) and estimate the study by them: CPU and NPU have no shipped records")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"],
+                   help="the device to calibrate on (default: the spec's)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("report", help="rebuild a study's report from its run folders (never retrains)")
@@ -348,11 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default reports/<study>)")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint or finished run with lm_eval, offline")
+    s = sub.add_parser("eval", help="evaluate a checkpoint or finished run with lm_eval (online when you are)")
     s.add_argument("--checkpoint", help="checkpoint folder or finished run folder (or pretrained= in --model_args)")
+    s.add_argument("--model", help="lm_eval model name: dlmstudy (the checkpoint's arm decides, default), "
+                   "llada or dlmstudy_mdm (diffusion), dlmstudy_ar or hf (AR)")
     s.add_argument("--tasks", required=True, help="comma-separated lm_eval task names, e.g. bio_qa_forward,bio_mc")
     s.add_argument("--include_path", help="folder of local lm_eval task YAMLs (the built-in bio tasks need none)")
     s.add_argument("--model_args", default="", help="e.g. mc_num=1,max_length=1024,steps=256,block_size=64,cfg=0.0")
+    s.add_argument("--num_fewshot", type=int, help="examples in each prompt's few-shot context (default: the task's)")
+    s.add_argument("--gen_kwargs", help="generation arguments updating the tasks', e.g. temperature=0,max_gen_toks=64")
+    s.add_argument("--batch_size", help="rows per forward pass: an integer, or auto (= --max_batch_size); "
+                   "default: the model's (diffusion 32, AR 16)")
+    s.add_argument("--max_batch_size", type=int, help="the batch size that --batch_size auto takes (given alone: "
+                   "--batch_size auto)")
     s.add_argument("--output_path", help="where results.json and samples_<task>.jsonl go")
     s.add_argument("--log_samples", action="store_true")
     s.add_argument("--apply_chat_template", action="store_true")
@@ -360,7 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow_code", action="store_true",
                    help="let task YAMLs run their !function hooks (lm_eval imports that code from the task folder)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    s.add_argument("--offline", action="store_true", help="never reach the Hub: hub tasks need their datasets in "
+                   "the local cache (also with HF_HUB_OFFLINE=1, and when there is no network)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("import-dllm", help="a dllm or tutorial training YAML as a study spec, with a line for "
+                       "every key it maps or drops")
+    s.add_argument("config", help="the dllm YAML, e.g. configs/llada-100M-pt-npu.yaml")
+    s.add_argument("-o", "--output", help="write the spec here (default: print it, headed by the lines as comments)")
+    s.add_argument("--stage", default="auto", choices=["auto", "pretrain", "sft"],
+                   help="auto: sft when the file has LoRA keys, else pretrain")
+    s.add_argument("--arms", nargs="+", help="the study's arms (default: the file's own model, e.g. llada; "
+                   "add qwen to compare)")
+    s.add_argument("--tokens_per_document", type=int, default=524,
+                   help="to size the grid from dataset_args' train:N documents (default 524, the tutorial's C4)")
+    s.set_defaults(func=cmd_import_dllm)
 
     s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint, no peft needed")
     s.add_argument("--lora_path", required=True, help="adapter folder (adapter_config.json)")
@@ -424,19 +519,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_flags(s)
     s.set_defaults(func=cmd_chat)
     for parser in (p, *sub.choices.values()):
-        parser.allow_abbrev = False  # `plan --device cuda` must not silently mean `--device_name cuda`
+        parser.allow_abbrev = False  # `plan --device_n cuda` must not silently mean `--device_name cuda`
+    for parser in sub.choices.values():
+        parser.set_defaults(command_parser=parser, typed={}, decoding=bool(parser.get_default("decoding")))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the subcommand's own usage, not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.func is not cmd_eval:  # eval decides for itself: online when the user is (evaluation/hub.py)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         args.func(args)
     except UserError as err:
-        for line in str(err).splitlines():  # a spec reports every problem, one line each
+        message = as_typed(str(err), args.typed) if args.decoding else str(err)
+        for line in message.splitlines():  # a spec reports every problem, one line each
             print(f"dlmstudy: error: {line}", file=sys.stderr)
         return 2
     return 0

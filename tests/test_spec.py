@@ -305,10 +305,10 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, args, expected):
 
 
 def test_cli_refuses_an_abbreviated_option(tmp_path):
-    """`plan` has --device_name, not --device: a prefix must not be taken for the longer option."""
+    """`plan` has --device_name, not --device_n: a prefix must not be taken for the longer option."""
     proc = subprocess.run([sys.executable, "-m", "dlmstudy.cli", "plan", str(REPO / "studies" / "smoke.yaml"),
-                           "--device", "cuda"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unrecognized arguments: --device cuda" in proc.stderr
+                           "--device_n", "cuda"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments: --device_n cuda" in proc.stderr
 
 
 def test_cli_bad_key_exits_2(tmp_path):

@@ -18,12 +18,13 @@ from dlmstudy.errors import UserError
 from dlmstudy.models.backbones import ModelSize, SpecialTokens, build_config, build_model
 from dlmstudy.models.checkpoints import META_FILE, load_checkpoint, save_checkpoint
 from dlmstudy.models.registry import get_arm
+from dlmstudy.study.spec import TrackingSpec
 from dlmstudy.training.clipping import clip_in_step
 from dlmstudy.training.heads import compile_body
 from dlmstudy.training.lora import LoraSettings, apply_lora
 from dlmstudy.training.merge import merge_lora
 from dlmstudy.training.objectives import ARObjective, MDMObjective
-from dlmstudy.training.tracking import SCALARS_FILE, ScalarMirror, finish_swanlab, read_scalars, start_swanlab
+from dlmstudy.training.tracking import SCALARS_FILE, ScalarMirror, finish_tracking, read_scalars, start_swanlab
 from dlmstudy.training.trainer import DLMTrainer
 
 TOKENS = SpecialTokens(vocab_size=64, pad_token_id=0, eos_token_id=1, mask_token_id=2)
@@ -317,15 +318,15 @@ def test_swanlab_offline_writes_its_files_without_login(tmp_path, monkeypatch):
     monkeypatch.setenv("SWANLAB_SAVE_DIR", str(tmp_path / "save"))
     monkeypatch.setenv("SWANLAB_PROJECT", "breaks-init")  # start_swanlab must clear it
     monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
-    run = start_swanlab(project="tiny", name="run-0", mode="offline", logdir=tmp_path / "swanlog",
-                        config={"seed": 0, "arm": "llada-mdm"})
+    start_swanlab(TrackingSpec(project="tiny"), name="run-0", logdir=tmp_path / "swanlog",
+                  config={"seed": 0, "arm": "llada-mdm"})
     try:
-        mirror = ScalarMirror(tmp_path / SCALARS_FILE, run)
+        mirror = ScalarMirror(tmp_path / SCALARS_FILE)
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
         for step in (1, 2):
             mirror.on_log(args, TrainerState(global_step=step), None, logs={"loss": 1.0 / step, "learning_rate": 1e-3})
     finally:
-        finish_swanlab(run)
+        finish_tracking()
     [folder] = (tmp_path / "swanlog").glob("run-*")
     assert list(folder.glob("run-*.swanlab")) and (folder / "files" / "config.yaml").exists()
     assert "llada-mdm" in (folder / "files" / "config.yaml").read_text()

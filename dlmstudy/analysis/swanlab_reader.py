@@ -1,10 +1,16 @@
 """Reading SwanLab offline logs back without the cloud: `swanlog/run-*/run-<id>.swanlab` files.
 
-A `.swanlab` file is a LevelDB-style log (SwanLab 0.10.3, format version 2): a 7-byte file header
-(":SWL", magic 0xE1D6, version), then records in 32 KiB blocks, each record a 7-byte header
-(crc32, length, type FULL/FIRST/MIDDLE/LAST) and a chunk of one serialised protobuf `Record`.
-The framing is decoded here; the protobuf schema comes from the installed swanlab package. Without
-swanlab, or with another format version, nothing is decoded and the scalar mirror is the only source.
+SwanLab has no public API that reads a log offline (`swanlab.Api` and `swanlab sync` need the cloud),
+so the file format is decoded here, for the swanlab versions pyproject allows (0.10.x, whose logs the
+tests decode: files written by 0.10.0 and 0.10.3 in tests/data/swanlab/; 0.9.8 writes the same format).
+A `.swanlab` file is a LevelDB-style log (format version 2): a 7-byte file header (":SWL", magic 0xE1D6,
+version), then records in 32 KiB blocks, each record a 7-byte header (crc32, length, type
+FULL/FIRST/MIDDLE/LAST) and a chunk of one serialised protobuf `Record`. The framing is decoded here;
+the protobuf schema comes from the installed swanlab package. Without swanlab, with a version outside
+that range, or with another format version, nothing is decoded and the scalar mirror is the only source.
+
+Keys come back under the Trainer's own log names, as in the scalar mirror: transformers' SwanLabCallback
+logs `loss` as `train/loss`, `eval_x` as `eval/x` and the end-of-training figures as `single_value/x`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+SUPPORTED = ("0.10.",)  # swanlab versions whose logs (and protobuf schema) are decoded: pyproject's range
 HEADER = struct.Struct("<4sHB")  # ident, magic, version
 CHUNK = struct.Struct("<IHB")  # crc32, length, type
 IDENT, MAGIC, VERSION = b":SWL", 0xE1D6, 2
@@ -55,35 +62,62 @@ def iter_records(path: str | Path):
 
 
 def _record_class():
-    """swanlab's protobuf Record class, or None when swanlab is not installed."""
+    """swanlab's protobuf Record class, or None when swanlab is not installed or not a supported version."""
     try:
+        import swanlab
         from swanlab.proto.swanlab.record.v1.record_pb2 import Record
     except ImportError:
         return None
-    return Record
+    return Record if swanlab.__version__.startswith(SUPPORTED) else None
 
 
 def swanlab_available() -> bool:
-    """True when the installed swanlab provides the protobuf schema needed to decode logs."""
+    """True when the installed swanlab is a supported version, so its protobuf schema decodes the logs."""
     return _record_class() is not None
 
 
-def read_swanlab_file(path: str | Path) -> pd.DataFrame:
-    """Every scalar in one `.swanlab` file as a long frame (step, key, value)."""
+def trainer_key(key: str) -> str | None:
+    """The Trainer's log name of a SwanLab key (`train/loss` -> `loss`, `eval/x` -> `eval_x`); None for the step
+    counter transformers logs beside every line."""
+    for prefix, name in (("train/", ""), ("single_value/", ""), ("eval/", "eval_")):
+        if key.startswith(prefix):
+            key = name + key[len(prefix):]
+            break
+    return None if key == "global_step" else key
+
+
+def _records(path: str | Path):
+    """The decoded protobuf records of a `.swanlab` file (none without a supported swanlab)."""
     Record = _record_class()
     if Record is None:
-        return pd.DataFrame(columns=COLUMNS)
+        return
     from google.protobuf.message import DecodeError
 
-    rows = []
     for data in iter_records(path):
         record = Record()
         try:
             record.ParseFromString(data)
         except DecodeError:  # a record the schema cannot read: trust nothing after it
-            break
+            return
+        yield record
+
+
+def run_info(path: str | Path) -> dict[str, str]:
+    """Project, experiment name and id of the SwanLab run a `.swanlab` file logs (empty when not decoded)."""
+    for record in _records(path):
+        if record.HasField("start"):
+            return {"project": record.start.project, "name": record.start.name, "id": record.start.id}
+    return {}
+
+
+def read_swanlab_file(path: str | Path) -> pd.DataFrame:
+    """Every scalar in one `.swanlab` file as a long frame (step, key, value), keys as the Trainer logs them."""
+    rows = []
+    for record in _records(path):
         if record.HasField("scalar"):
-            rows.append((record.scalar.step, record.scalar.key, record.scalar.value.number))
+            key = trainer_key(record.scalar.key)
+            if key is not None:
+                rows.append((record.scalar.step, key, record.scalar.value.number))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -101,9 +135,9 @@ def read_swanlab_run(run_dir: str | Path) -> pd.DataFrame:
 
 def wide(long: pd.DataFrame) -> pd.DataFrame:
     """One row per step and one column per key, like the scalar mirror `scalars.jsonl`; SwanLab's own
-    system metrics (`__swanlab__.*`) are left out."""
+    system metrics (`__swanlab__.*`) and the final evaluation (`final/*`, in result.json) are left out."""
     if long.empty:
         return pd.DataFrame()
-    long = long[~long["key"].str.startswith("__swanlab__.")]
+    long = long[~long["key"].str.startswith(("__swanlab__.", "final/"))]
     return long.pivot_table(index="step", columns="key", values="value", aggfunc="last").reset_index().rename_axis(
         columns=None)

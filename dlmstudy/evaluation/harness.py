@@ -1,5 +1,7 @@
-"""`dlmstudy eval`: lm_eval on a checkpoint (or a finished run), offline, results written to disk.
+"""`dlmstudy eval`: lm_eval on a checkpoint (or a finished run), results written to disk.
 
+Online when the user is: hub tasks (cmmlu, gsm8k, ...) download their datasets; offline when asked,
+or when there is no network (evaluation/hub.py), they must be in the local cache.
 Output layout under output_path: `results.json` (lm_eval's results without samples, plus a
 `dlmstudy` entry: checkpoint, arm, model_args, and whether likelihoods are exact or ELBO bounds)
 and, with log_samples, one `samples_<task>.jsonl` per task. Works under `accelerate launch`: every process
@@ -10,57 +12,41 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from dlmstudy.atomic import write_text_atomic
 from dlmstudy.errors import UserError
 from dlmstudy.evaluation import tasks as bio
-from dlmstudy.evaluation.lm_eval_models import load_lm, parse_model_args
-from dlmstudy.models.checkpoints import META_FILE, check_whole, read_arm
+from dlmstudy.evaluation.hub import offline as hub_offline
+from dlmstudy.evaluation.lm_eval_models import (
+    AR_NAMES,
+    DIFFUSION_NAMES,
+    load_lm,
+    parse_model_args,
+    resolve_checkpoint,
+    split_model_args,
+)
+from dlmstudy.models.checkpoints import check_whole, read_arm
 from dlmstudy.study.checks import task_hooks
 
-OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+HF_NAMES = ("hf",)  # lm_eval's own HF model: an AR checkpoint is evaluated the same way, through HFLM
+MODEL_NAMES = ("dlmstudy", *DIFFUSION_NAMES, *AR_NAMES, *HF_NAMES)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given, or `<run>/checkpoint` of a finished run folder (one with result.json)."""
-    path = Path(path)
-    if (path / META_FILE).exists():
-        return path
-    if (path / "result.json").exists():
-        if not (path / "checkpoint" / META_FILE).exists():
-            raise UserError(f"{path}: finished run without a checkpoint/ folder")
-        return path / "checkpoint"
-    if (path / "run.json").exists():
-        raise UserError(f"{path}: run is not finished (no result.json), so it has no final checkpoint")
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    raise UserError(f"{path}: neither a dlmstudy checkpoint (no {META_FILE}) nor a finished run folder (no result.json)")
-
-
-@contextmanager
-def offline() -> Iterator[None]:
-    """Hub access off for the duration (env vars, and the flags datasets / huggingface_hub read at import)."""
-    import datasets.config
-    import huggingface_hub.constants as hub
-
-    env = {k: os.environ.get(k) for k in OFFLINE_VARS}
-    flags = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE)
-    os.environ.update(dict.fromkeys(OFFLINE_VARS, "1"))
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = flags
+def check_model_name(model: str | None, path: Path) -> None:
+    """`--model` as lm_eval takes it, checked against the checkpoint's arm (dlmstudy: any arm)."""
+    if model is None or model == "dlmstudy":
+        return
+    if model not in MODEL_NAMES:
+        raise UserError(f"--model {model}: use one of {', '.join(MODEL_NAMES)} (the checkpoint's arm decides with "
+                        "dlmstudy)")
+    arm = read_arm(path)
+    sampler, kind = ("diffusion", "diffusion") if model in DIFFUSION_NAMES else ("ar", "AR")
+    if arm.sampler != sampler:
+        raise UserError(f"--model {model} evaluates {kind} checkpoints, but {path} is arm {arm.name} "
+                        f"({arm.sampler} sampler); use --model dlmstudy")
 
 
 @functools.lru_cache(maxsize=8)
@@ -132,24 +118,47 @@ def _hub_error(exc: BaseException) -> str | None:
     return None
 
 
+def _merge_batch(args: dict[str, Any], batch_size: int | str | None, max_batch_size: int | None) -> dict[str, Any]:
+    """model_args with --batch_size / --max_batch_size added; the same setting given twice must agree. A
+    max_batch_size with no batch size anywhere means `batch_size=auto`: the largest, up to it."""
+    if max_batch_size is not None and batch_size is None and "batch_size" not in args:
+        batch_size = "auto"
+    for key, value in (("batch_size", batch_size), ("max_batch_size", max_batch_size)):
+        if value is None:
+            continue
+        if key in args and str(args[key]) != str(value):
+            raise UserError(f"--{key} {value} and model_args {key}={args[key]} disagree")
+        args[key] = value
+    return args
+
+
 def run_eval(
     checkpoint: str | Path | None,
     tasks: str | list[str],
     *,
+    model: str | None = None,
     include_path: str | Path | None = None,
     model_args: str | dict[str, Any] = "",
     output_path: str | Path | None = None,
     log_samples: bool = False,
     apply_chat_template: bool = False,
     limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    gen_kwargs: str | dict[str, Any] | None = None,
+    batch_size: int | str | None = None,
+    max_batch_size: int | None = None,
     device: str = "cpu",
     allow_code: bool = False,
+    offline: str | None = "offline",
 ) -> dict[str, Any] | None:
-    """Evaluate a checkpoint or finished run on lm_eval tasks, offline; the results dict (None on ranks > 0).
+    """Evaluate a checkpoint or finished run on lm_eval tasks; the results dict (None on ranks > 0).
 
-    The checkpoint may also come as `pretrained=PATH` in model_args (the tutorial's form).
-    Built-in task names (bio_qa_forward, bio_qa_reverse, bio_mc, bio_ppl, tag bio) need no
-    include_path; hub tasks (cmmlu, gsm8k, ...) work when their datasets are in the local cache.
+    The checkpoint may also come as `pretrained=PATH` in model_args (the tutorial's form); `model` is
+    lm_eval's model name, checked against the checkpoint's arm. `offline` says why the Hub is off
+    (None: online). Built-in task names (bio_qa_forward, bio_qa_reverse, bio_mc, bio_ppl, tag bio) need
+    no include_path; hub tasks (cmmlu, gsm8k, ...) download their datasets online and need them in the
+    local cache offline. num_fewshot, gen_kwargs, limit, batch_size and max_batch_size mean what they
+    mean in lm_eval's CLI.
     Task YAMLs from include_path (or given as files) with `!function` hooks, code lm_eval imports from
     their folder, are refused unless `allow_code`.
     """
@@ -158,8 +167,9 @@ def run_eval(
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise UserError("no tasks given")
-    args = parse_model_args(model_args)
-    pretrained = args.pop("pretrained", None)
+    raw = _merge_batch(split_model_args(model_args), batch_size, max_batch_size)
+    pretrained = parse_model_args(raw).get("pretrained")
+    raw = {k: v for k, v in raw.items() if k != "pretrained"}
     if checkpoint is None and pretrained is None:
         raise UserError("no checkpoint: pass a checkpoint or run folder, or pretrained=PATH in model_args")
     path = resolve_checkpoint(checkpoint if checkpoint is not None else pretrained)
@@ -168,25 +178,32 @@ def run_eval(
     check_whole(path)
     if not allow_code:
         refuse_task_code([include_path] if include_path is not None else [], names)
+    check_model_name(model, path)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num_fewshot must be >= 0, got {num_fewshot}")
     tm = task_manager(names, include_path)
-    lm = load_lm(path, args, device=device)
+    lm = load_lm(path, raw, device=device)
     if apply_chat_template and not lm.tokenizer.chat_template:
         raise UserError(f"{path}: the tokenizer has no chat template, so apply_chat_template cannot be used")
-    with offline():
+    with hub_offline() if offline else nullcontext():
         try:
             results = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                              num_fewshot=num_fewshot, gen_kwargs=gen_kwargs or None,
                                               log_samples=log_samples, apply_chat_template=apply_chat_template)
         except Exception as exc:
             reason = _hub_error(exc)
             if reason is None:
                 raise
-            raise UserError(f"{reason}: the dataset is not in the local cache and evaluation runs offline "
-                            f"(download it once online, or use a local task in include_path)") from None
+            if offline:
+                raise UserError(f"{reason}: the dataset is not in the local cache and evaluation runs offline "
+                                f"({offline}); download it once online, or use a local task in include_path") from None
+            raise UserError(f"{reason}: the dataset could not be loaded from the Hub") from None
     if results is None:
         return None
     arm = read_arm(path)
     results["dlmstudy"] = {
-        "checkpoint": str(path.resolve()), "arm": arm.name, "sampler": arm.sampler, "model_args": args,
+        "checkpoint": str(path.resolve()), "arm": arm.name, "sampler": arm.sampler,
+        "model_args": parse_model_args(raw), "hub": f"offline ({offline})" if offline else "online",
         # lm_eval's log-likelihoods (and perplexities) of a diffusion arm are Monte-Carlo ELBO bounds
         "likelihood": "mc_elbo_lower_bound" if arm.sampler == "diffusion" else "exact",
     }

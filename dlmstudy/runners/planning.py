@@ -1,7 +1,8 @@
 """`dlmstudy plan`: a study's runs, missing inputs and estimated cost, without training.
 
 Built on `runners.study` (runs from the spec or the prepared data), `runners.sft` (SFT runs) and
-`study.estimate` (time from `dlmstudy bench` records).
+`study.estimate` (time from `dlmstudy bench` records: shipped, a --bench file, or `runners.calibration`'s
+measurements on this machine).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from dlmstudy.models.backbones import SpecialTokens, build_config
 from dlmstudy.runners.bench import flops_per_token, matmul_params
+from dlmstudy.runners.calibration import training_mode
 from dlmstudy.runners.run import default_arguments, optimizer_steps
 from dlmstudy.runners.sft import resolve_sft_runs
 from dlmstudy.runners.study import MissingInput, Run, missing_inputs, plan_tokens, prepare_data, resolve_runs
@@ -66,16 +68,16 @@ def validation_tokens(spec: StudySpec, run: Run, arguments: dict) -> int:
 
 
 def estimate_runs(spec: StudySpec, runs: list[Run], records: list[BenchRecord], *,
-                  device_name: str | None = None) -> list[Estimate]:
-    """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective."""
-    ts = spec.training
-    mode = "fast-graphs" if ts.cuda_graphs else "fast-compiled" if ts.compile else "fast" if ts.fast_head else "plain"
+                  device_name: str | None = None, device: str = "cuda") -> list[Estimate]:
+    """Each run's tokens, FLOPs and time on one device, timed by the closest bench record of its objective (and
+    arm); `device` is the kind the run's training path is chosen for (CUDA graphs only on cuda)."""
+    mode = training_mode(spec, device)
     out = []
     for r in runs:
         n, fpt = run_flops(r)
         arguments = default_arguments(r.config, r.total_tokens // r.config["max_length"], "cpu")
         batch = arguments["per_device_train_batch_size"]
         record = closest_record(records, objective=r.arm.objective, flops_per_token=fpt, seq_len=r.config["max_length"],
-                                batch=batch, mode=mode, device_name=device_name)
+                                batch=batch, mode=mode, device_name=device_name, arm=r.arm.name)
         out.append(Estimate(r.total_tokens, n, fpt, record, batch, validation_tokens(spec, r, arguments)))
     return out

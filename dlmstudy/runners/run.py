@@ -44,7 +44,7 @@ from dlmstudy.training.registry import build_objective
 from dlmstudy.training.tracking import (
     QuietProgress,
     ScalarMirror,
-    finish_swanlab,
+    finish_tracking,
     read_scalars,
     start_swanlab,
 )
@@ -135,14 +135,15 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
         validation_fn, spec: StudySpec, config: dict, data_collator=None, cuda_graphs: bool = False, progress=print):
     """The training loop every stage shares: DLMTrainer + tracking + complete-marked checkpoints + resume + SIGTERM.
 
-    Returns (trained model, metrics; time and tokens/s over every segment of a resumed run). Raises Interrupted
-    after saving when a signal asked it to stop.
+    Returns (trained model, metrics; time and tokens/s over every segment of a resumed run), the run's SwanLab
+    experiment still open for the final evaluation (the caller closes it with `finish_tracking`). Raises
+    Interrupted after saving when a signal asked it to stop.
     """
-    args = TrainingArguments(output_dir=str(run_dir / "checkpoints"), **arguments)
-    tracker = None
-    if spec.tracking.report_to == "swanlab" and process_rank() == 0:
-        tracker = start_swanlab(project=spec.tracking.project, name=run_id, mode=spec.tracking.mode,
-                                logdir=run_dir / "swanlog", config=config)
+    tracker = (start_swanlab(spec.tracking, name=run_id, logdir=run_dir / "swanlog", config=config)
+               if process_rank() == 0 else None)
+    # transformers' SwanLabCallback logs into the run opened here; it stays open for the final evaluation
+    args = TrainingArguments(output_dir=str(run_dir / "checkpoints"),
+                             **{**arguments, "report_to": ["swanlab"] if tracker is not None else "none"})
     stopper = StopOnSignal()
     resume = last_complete_checkpoint(run_dir / "checkpoints", progress)
     if resume:
@@ -151,16 +152,19 @@ def fit(model, *, run_id: str, run_dir: Path, arguments: dict, train_set, eval_s
     trainer = DLMTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          objective=objective, tokens_per_step=tokens_per_step, validation_fn=validation_fn,
                          data_collator=data_collator, cuda_graphs=cuda_graphs,
-                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl", tracker), clock, CompleteMarker(), stopper])
+                         callbacks=[ScalarMirror(run_dir / "scalars.jsonl"), clock, CompleteMarker(), stopper])
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     stopper.install()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException as err:
+        finish_tracking(error=f"{type(err).__name__}: {err}")
+        raise
     finally:
-        finish_swanlab(tracker)
         stopper.uninstall()
     if stopper.requested:
+        finish_tracking(error="stopped on a signal; resumes next time")
         raise Interrupted(f"{run_id}: stopped on a signal at step {trainer.state.global_step}; run again to resume",
                           stopper.signum)
     runtime = clock.before + out.metrics.get("train_runtime", float("nan"))  # this segment and those before it
@@ -274,6 +278,7 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
     """lm_eval on the run's final checkpoint; the built-in bio tasks are written for the probe people."""
     from dlmstudy.data.biographies import generate_people
     from dlmstudy.evaluation.harness import run_eval
+    from dlmstudy.evaluation.lm_eval_models import for_sampler, parse_model_args
     from dlmstudy.evaluation.tasks import write_tasks
 
     ev = spec.evaluation
@@ -286,8 +291,9 @@ def lm_eval_run(run: Run, spec: StudySpec, data: StudyData, probes: list[QAItem]
         people = [p for p in generate_people(spec.data.pretrain.people, seed=spec.data.seed) if p.name in names]
         include = write_tasks(run.dir.parent / "_cache" / "lm_eval_tasks", people,
                               ppl_documents=data.corpus.validation_docs[:50], max_gen_toks=ev.gen_length, seed=spec.seed)
-    model_args = ",".join(filter(None, [f"steps={ev.steps},gen_length={ev.gen_length},block_length={ev.block_length},"
-                                        f"mc_num={ev.mc_num},batch_size={ev.batch_size}", ev.lm_eval.model_args]))
+    model_args = for_sampler(f"steps={ev.steps},gen_length={ev.gen_length},block_length={ev.block_length},"
+                             f"mc_num={ev.mc_num},batch_size={ev.batch_size}", run.arm.sampler)
+    model_args.update(parse_model_args(for_sampler(ev.lm_eval.model_args, run.arm.sampler)))  # the spec's win
     results = run_eval(run.dir / "checkpoint", ev.lm_eval.tasks, include_path=include, model_args=model_args,
                        output_path=run.dir / "eval" / "lm_eval", log_samples=True, limit=ev.lm_eval.limit,
                        device=device, allow_code=ev.lm_eval.allow_code)
@@ -318,6 +324,7 @@ def execute_run(run: Run, spec: StudySpec, data: StudyData, device: str, probes:
     scalars = read_scalars(run.dir)
     val_curve = [v for v in [r["val_loss"] for r in scalars if "val_loss" in r] + [metrics["final_val_loss"]]
                  if math.isfinite(v)]
+    finish_tracking({**metrics, "best_val_loss": min(val_curve, default=float("nan"))})
     diverged = not math.isfinite(metrics["final_val_loss"])
     if diverged:
         progress(f"{run.run_id}: DIVERGED (non-finite validation loss); the report lists it and leaves it out of fits")

@@ -41,6 +41,7 @@ from dlmstudy.study.plan import config_digest
 from dlmstudy.study.spec import StudySpec
 from dlmstudy.training.lora import apply_lora
 from dlmstudy.training.registry import build_objective
+from dlmstudy.training.tracking import finish_tracking
 
 
 @dataclass
@@ -189,6 +190,7 @@ def execute_sft_run(run: SFTRun, spec: StudySpec, data: StudyData, device: str, 
         trained = trained.merge_and_unload()
     save_checkpoint(run.dir / "checkpoint", trained, tokenizer, run.arm)
     final = after_epoch(trained.eval(), samples=run.dir / "eval" / "qa_samples.jsonl")
+    finish_tracking(final)
     result = {"run_id": run.run_id, "stage": "sft", "arm": run.arm.name, "objective": run.arm.objective,
               "parent": run.parent, "base": str(run.base), "sft_epochs": run.epochs, "lora": sft.lora,
               "train_rows": len(train_rows), "val_loss_kind": SFT_LOSS_KIND[run.arm.objective],

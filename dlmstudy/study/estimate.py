@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from dlmstudy.errors import UserError
 
-# `dlmstudy bench --json` on one H200 (docs/benchmarks.md), used when no --bench file is given.
-SHIPPED_BENCH = Path(__file__).resolve().parents[2] / "docs" / "bench" / "h200-2026-11-29.json"
+# `dlmstudy bench --json` on one H200 (docs/benchmarks.md), shipped as package data; used when no --bench file
+# (and no --calibrate) is given.
+SHIPPED_BENCH = resources.files("dlmstudy.study") / "bench" / "h200-2026-11-29.json"
 RECORD_FIELDS = ("device_name", "config", "arm", "objective", "mode", "batch", "seq_len", "tokens_per_s",
                  "flops_per_token")
 
@@ -52,9 +54,14 @@ class BenchRecord:
                 f"{self.tokens_per_s:,.0f} tokens/s{mfu} at {self.flops_per_token / 1e6:,.0f}M FLOPs/token")
 
 
+def bench_record(r: dict) -> BenchRecord:
+    """A training record of `dlmstudy bench` (a dict of its JSON) as a BenchRecord."""
+    return BenchRecord(**{f: r[f] for f in RECORD_FIELDS}, mfu=r.get("mfu"))
+
+
 def load_bench(path: str | Path) -> list[BenchRecord]:
-    """The training records of a `dlmstudy bench --json` file (sampling records are skipped)."""
-    path = Path(path)
+    """The training records of a `dlmstudy bench --json` file, or of the shipped one (sampling records skipped)."""
+    path = Path(path) if isinstance(path, str) else path
     if not path.is_file():
         raise UserError(f"bench file not found: {path}")
     try:
@@ -70,20 +77,22 @@ def load_bench(path: str | Path) -> list[BenchRecord]:
         absent = [f for f in RECORD_FIELDS if r.get(f) is None]
         if absent:
             raise UserError(f"{path}: record {i} has no {absent[0]!r}")
-        records.append(BenchRecord(**{f: r[f] for f in RECORD_FIELDS}, mfu=r.get("mfu")))
+        records.append(bench_record(r))
     return records
 
 
 def closest_record(records: list[BenchRecord], *, objective: str, flops_per_token: float, seq_len: int,
-                   batch: int, mode: str = "plain", device_name: str | None = None) -> BenchRecord | None:
-    """The record to time a run by: same objective (and device, if named); then the same training path;
-    then the nearest in log FLOPs per token, sequence length and batch. None when nothing matches."""
+                   batch: int, mode: str = "plain", device_name: str | None = None,
+                   arm: str | None = None) -> BenchRecord | None:
+    """The record to time a run by: same objective (and device, if named); then the same training path; then the
+    same arm (if named); then the nearest in log FLOPs per token, sequence length and batch. None when nothing
+    matches."""
     pool = [r for r in records if r.objective == objective and r.tokens_per_s > 0 and r.flops_per_token > 0]
     if device_name:
         pool = [r for r in pool if device_name.lower() in r.device_name.lower()]
 
-    def distance(r: BenchRecord) -> tuple[bool, float]:
-        return (r.mode != mode, abs(math.log(r.flops_per_token / flops_per_token))
+    def distance(r: BenchRecord) -> tuple[bool, bool, float]:
+        return (r.mode != mode, arm is not None and r.arm != arm, abs(math.log(r.flops_per_token / flops_per_token))
                 + abs(math.log(r.seq_len / seq_len)) + abs(math.log(r.batch / batch)))
 
     return min(pool, key=distance, default=None)

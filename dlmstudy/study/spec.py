@@ -31,11 +31,12 @@ class Strict(BaseModel):
 
 
 class TrackingSpec(Strict):
-    """Where metrics go. SwanLab runs offline unless `mode: online` (and the user has logged in)."""
+    """Where metrics go. SwanLab runs offline unless `mode: online` (or `cloud`; after `swanlab login`); project and
+    mode left unset here come from SWANLAB_PROJECT and SWANLAB_MODE (training/tracking.py)."""
 
     report_to: Literal["swanlab", "none"] = "swanlab"
     project: str = "dlmstudy"
-    mode: Literal["offline", "online", "local", "disabled"] = "offline"
+    mode: Literal["offline", "online", "cloud", "local", "disabled"] = "offline"
 
 
 class TokenizerSpec(Strict):
