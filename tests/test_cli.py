@@ -71,6 +71,6 @@ def test_tutorial_flag_names_decode_and_errors_speak_them(folders, capsys):
 
 def test_other_commands_keep_their_messages(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
-    spec.write_text("name: s\ngrid: {unique_tokens: [64], epochs: [1]}\nevaluation: {block_length: 0}\n")
+    spec.write_text("name: s\ngrid: {unique_tokens: [4096], epochs: [1]}\nevaluation: {block_length: 0}\n")
     assert main(["plan", str(spec)]) == 2
     assert "evaluation.block_length" in error_line(capsys)  # a spec key, not a flag

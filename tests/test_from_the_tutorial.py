@@ -3,6 +3,7 @@ equivalent) has a check here that the equivalent does what the row says. A row w
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import types
@@ -92,7 +93,8 @@ def check_dataset_args(tmp_path, monkeypatch):
 
 
 def check_text_field(tmp_path, monkeypatch):
-    assert spec(data={"pretrain": {"text_field": "content"}}).data.pretrain.text_field == "content"
+    source = {"source": "./c4.jsonl", "text_field": "content"}
+    assert spec(data={"pretrain": source}).data.pretrain.text_field == "content"
 
 
 def check_streaming(tmp_path, monkeypatch):
@@ -377,6 +379,21 @@ def check_output_flags(tmp_path, monkeypatch):
     assert a.apply_chat_template and a.output_path == "DIR" and a.log_samples
 
 
+def check_measured_8b(tmp_path, monkeypatch):
+    """The 8B table's peak memory, tokens/s and MFU are those of the H200 record it cites."""
+    records = json.loads((REPO / "docs" / "bench" / "h200-2026-12-04-lora-sft-8b.json").read_text())
+    table = [line.strip().strip("|").split(" | ") for line in GUIDE.read_text().splitlines()
+             if line.startswith(("| LLaDA-8B |", "| Qwen2.5-7B |"))]
+    assert len(table) == 2
+    for cells in table:
+        config = {"LLaDA-8B": "llada-8b", "Qwen2.5-7B": "qwen2.5-7b"}[cells[0].strip()]
+        off, on = (next(r for r in records if r["config"] == config and r["gradient_checkpointing"] == gc)
+                   for gc in (False, True))
+        assert cells[2].strip() == f"{off['peak_memory_gb']:.1f} / {on['peak_memory_gb']:.1f}"
+        assert cells[3].strip() == f"{off['tokens_per_s']:,.0f} / {on['tokens_per_s']:,.0f}"
+        assert cells[4].strip() == f"{100 * off['mfu']:.1f}% / {100 * on['mfu']:.1f}%"
+
+
 CHECKS = {
     "pip install -r requirements.txt": check_install,
     "pip install torch==2.9.0": check_torch_npu_wheel,
@@ -428,6 +445,8 @@ CHECKS = {
     "`--tasks cmmlu`": check_hub_tasks_online,
     "`--num_fewshot`, `--gen_kwargs`, `--limit`": check_lm_eval_flags,
     "`--apply_chat_template --output_path DIR --log_samples`": check_output_flags,
+    "LLaDA-8B": check_measured_8b,
+    "Qwen2.5-7B": check_measured_8b,
 }
 
 

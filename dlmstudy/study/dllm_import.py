@@ -141,7 +141,9 @@ def import_dllm(path: str | Path, *, stage: str = "auto", arms: list[str] | None
     """The study spec for a dllm training YAML, with a line for every key it maps or drops."""
     from transformers import TrainingArguments
 
-    from dlmstudy.study.spec import TRAINING_ALIASES, parse_spec
+    from dlmstudy.study.names import ALIASES
+    from dlmstudy.study.spec import parse_spec
+    from dlmstudy.study.training_args import SFT_SETS, STUDY_SETS
 
     source = Path(path)
     if not source.is_file():
@@ -224,8 +226,10 @@ def import_dllm(path: str | Path, *, stage: str = "auto", arms: list[str] | None
                 dropped(key, f"dlmstudy tracks with SwanLab only (and scalars.jsonl), not {', '.join(targets)}")
         elif key in DECIDED:
             dropped(key, DECIDED[key])
-        elif key in TRAINING_ALIASES:
-            mapped(key, f"{section}.{key}", note=f"read as {TRAINING_ALIASES[key]}, today's TrainingArguments name")
+        elif key in (SFT_SETS if sft else STUDY_SETS):
+            dropped(key, (SFT_SETS if sft else STUDY_SETS)[key])
+        elif (section, key) in ALIASES:
+            mapped(key, f"{section}.{key}", note=f"read as {ALIASES[section, key][1]}, today's TrainingArguments name")
         elif key in hf:
             mapped(key, f"{section}.{key}")
         else:
