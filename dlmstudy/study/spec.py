@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from dlmstudy.errors import UserError
+from dlmstudy.study.comparisons import check_comparisons
 
 
 class Strict(BaseModel):
@@ -280,6 +282,14 @@ class StudySpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     sft: SFTSpec | None = None
     cluster: ClusterSpec | None = None
+    comparisons: list[tuple[str, str]] | None = Field(
+        None, min_length=1, description="pairs [diffusion arm, AR arm] of `arms:` the claims compare (stored "
+        "diffusion first); without it every diffusion arm is compared with every AR arm")
+
+    @field_validator("comparisons")
+    @classmethod
+    def _comparisons(cls, v: list[tuple[str, str]] | None, info: ValidationInfo) -> list[tuple[str, str]] | None:
+        return None if v is None or "arms" not in info.data else check_comparisons(info.data["arms"], v)
 
     @field_validator("name")
     @classmethod
