@@ -74,7 +74,7 @@ def test_a_diverged_run_is_listed_apart_and_enters_no_number(tmp_path):
     section = report.split("## Diverged runs")[1].split("\n## ")[0]
     assert "llada_old_blowup" in section and "qwen_stopped" in section and "gradient norm nan" in section
     assert "llada_restarted" not in section
-    assert "3 finished runs, 2 diverged, 0 missing" in report
+    assert "pretraining: 3 finished, 2 diverged, 0 missing" in report
 
 
 @pytest.mark.parametrize(("config", "result", "best", "best_set", "final_set"), [

@@ -112,7 +112,7 @@ def test_report_tables_missing_runs_claims_and_figures(built):
     missing = text.split("## Missing runs")[1]
     assert "llada_u500_r8_never" in missing and "not started" in missing
     assert "qwen_u500_r8_started" in missing and "started, no result" in missing
-    assert "| claim | diffusion | ar | verdict | decisive | reason | caveat |" in text
+    assert "| claim | comparison | verdict | decisive number |" in text
     claims = pd.read_csv(out / "tables" / "claims.csv")
     assert len(claims) == 4 and claims["verdict"].notna().all()
     assert "ELBO" in text and "not comparable" in text
@@ -123,9 +123,10 @@ def test_report_tables_missing_runs_claims_and_figures(built):
     assert pd.read_csv(out / "tables" / "lm_eval.csv").loc[0, "value"] == 0.25
     html = (out / "report.html").read_text()
     images = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert {"figures/loss_vs_tokens.png", "figures/loss_vs_epochs.png", "figures/loss_vs_flops.png",
-            "figures/accuracy.png", "figures/sampler_accuracy.png", "figures/sampler_speed.png",
-            "figures/sampler_tradeoff.png", "figures/sft.png"} <= set(images)
+    assert {"figures/headline.png", "figures/loss_vs_tokens.png", "figures/loss_vs_epochs.png",
+            "figures/loss_vs_flops.png", "figures/accuracy.png", "figures/sampler_accuracy.png",
+            "figures/sampler_speed.png", "figures/sampler_tradeoff.png", "figures/sft.png",
+            "figures/sft_objectives.png"} <= set(images)
     assert all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in images)
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<link" not in html and "<script" not in html
 
@@ -141,7 +142,7 @@ def test_partial_study_and_rebuild_without_optional_outputs(tmp_path):
     (out / "figures" / "stale.png").write_bytes(b"old")
     build_report(folder, out, bootstrap=0)
     text = (out / "report.md").read_text()
-    assert "1 finished runs, 0 missing" in text and "| not testable |" in text
+    assert "pretraining: 1 finished, 0 diverged, 0 missing" in text and "| not testable |" in text
     assert not (out / "figures" / "stale.png").exists()
     assert not (out / "tables" / "throughput.csv").exists()
 
@@ -155,7 +156,7 @@ def test_cli_report(tmp_path, capsys):
     (folder / "study.json").write_text(json.dumps({"name": "one", "runs": [{"run_id": "planned_only", "arm": "qwen"}]}))
     (folder / run_id / "result.json").unlink()
     assert main(["report", str(folder), "--out", str(tmp_path / "r")]) == 0  # nothing finished yet
-    assert "0 finished runs, 2 missing" in (tmp_path / "r" / "report.md").read_text()
+    assert "pretraining: 0 finished, 0 diverged, 2 missing" in (tmp_path / "r" / "report.md").read_text()
     assert (tmp_path / "r" / "report.html").exists()
     assert main(["report", str(tmp_path)]) == 2
     assert "not a study folder" in capsys.readouterr().err

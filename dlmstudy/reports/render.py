@@ -1,90 +1,42 @@
 """Turning a study's run folders into reports/<study>/: report.md, report.html, figures/, tables/.
 
-Every number comes from a run folder (via `dlmstudy.analysis.frames`); nothing is retrained. report.html
-is self-contained apart from its figures, which it links relatively (figures/*.png): it opens offline.
+Every number comes from a run folder (via `dlmstudy.analysis.frames`); nothing is retrained. The page opens with
+its answer (a summary: the scale, one sentence per claim, the headline figure), then the claims and their
+evidence, the figures, and the tables behind them. The same run folders give the same files byte for byte
+(seeded resampling, no timestamps, no absolute paths). The report is built in a folder beside its destination
+and swapped in whole, so a killed build leaves the previous report as it was.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import math
-import numbers
+import os
+import shutil
 from pathlib import Path
 
-import markdown
 import pandas as pd
 
 from dlmstudy.analysis import claims as claims_mod
-from dlmstudy.analysis import figures, scaling
+from dlmstudy.analysis import figures, headline
 from dlmstudy.analysis.frames import StudyFrames, load_study
-from dlmstudy.analysis.noise import ASSUMED_SEED_SD
+from dlmstudy.atomic import replace_folder, restore_folder
+from dlmstudy.errors import UserError
+from dlmstudy.reports import evidence, summary
+from dlmstudy.reports.answers import side_by_side
+from dlmstudy.reports.page import Report, md_table
+from dlmstudy.reports.sft_section import sft_section
+from dlmstudy.study.comparisons import default_comparisons
 
+REPORT_ENTRIES = {"report.md", "report.html", "figures", "tables"}
 RUN_COLUMNS = {
     "run_id": "run", "arm": "arm", "size": "size", "params_total": "params (total)",
-    "params_non_embedding": "params (non-emb.)",
-    "unique_tokens": "unique tokens", "epochs": "epochs", "tokens": "tokens seen", "flops": "FLOPs (6·N·D)",
-    "learning_rate": "learning rate", "seed": "seed",
+    "params_non_embedding": "params (non-emb.)", "unique_tokens": "unique tokens", "epochs": "epochs",
+    "tokens": "tokens seen", "flops": "FLOPs (6·N·D)", "learning_rate": "learning rate", "seed": "seed",
     "final_val_loss": "final val. loss", "final_val_loss_stderr": "± MC s.e.", "final_val_set": "final on",
     "best_val_loss": "best val. loss", "best_val_set": "best on", "val_loss_kind": "loss kind",
-    "accuracy_forward": "acc. forward", "accuracy_reverse": "acc. reverse",
-    "wall_time_s": "wall time (s)", "train_tokens_per_s": "train tokens/s",
+    "accuracy_forward": "acc. forward", "accuracy_reverse": "acc. reverse", "wall_time_s": "wall time (s)",
 }
+LIFTED = ("final_val_set", "best_val_set", "learning_rate", "seed")  # said once above the table when one value
 THROUGHPUT_VALUES = ["tokens_per_s", "mfu", "peak_memory_gb"]
-HTML_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}}
-table{{border-collapse:collapse;font-size:0.8em;margin:0.5em 0 1em}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}}
-th{{background:#f3f3f3}}img{{max-width:100%}}code{{background:#f5f5f5}}</style></head><body>
-{body}</body></html>"""
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool) or v is None:
-        return "–" if v is None else str(v)
-    if isinstance(v, numbers.Integral):
-        return f"{v:,}"
-    if isinstance(v, numbers.Real):
-        v = float(v)
-        if math.isnan(v):
-            return "–"
-        if math.isinf(v):
-            return "∞" if v > 0 else "−∞"
-        if abs(v) >= 1e7:
-            return f"{v:.3g}"
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("*", "\\*").replace("\n", "<br>")
-
-
-def md_table(df: pd.DataFrame) -> str:
-    """A pandas frame as a Markdown table (no extra dependency); newlines in cells become <br>."""
-    head = "| " + " | ".join(_fmt(str(c)) for c in df.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
-    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
-
-
-class Report:
-    """Collects Markdown lines, writes tables to tables/*.csv and figures to figures/*.png."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.lines: list[str] = []
-        for sub, pattern in (("tables", "*.csv"), ("figures", "*.png")):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-            for old in (out / sub).glob(pattern):  # a rebuilt report holds only what this build wrote
-                old.unlink()
-
-    def add(self, *lines: str) -> None:
-        self.lines += [*lines, ""]
-
-    def table(self, frame: pd.DataFrame, name: str, shown: pd.DataFrame | None = None) -> None:
-        """Write the full frame to tables/<name>.csv and show `shown` (default: the frame) in the report."""
-        frame.to_csv(self.out / "tables" / f"{name}.csv", index=False)
-        self.add(md_table(frame if shown is None else shown), "", f"(table: `tables/{name}.csv`)")
-
-    def figure(self, title: str, path: Path | None, caption: str = "") -> None:
-        if path is not None:
-            self.add(f"### {title}", f"![{title}](figures/{path.name})", *([caption] if caption else []))
 
 
 def _setup(spec: dict) -> list[str]:
@@ -99,121 +51,142 @@ def _setup(spec: dict) -> list[str]:
             "biases). Parameter counts are given with and without embeddings."]
 
 
-def _fits_shown(fits: pd.DataFrame) -> pd.DataFrame:
-    """The fits table as a reviewer reads it: R_D* as its interval or the bound it has, never a degenerate
-    constant (those are blank, with the flag saying why)."""
-    shown = fits.assign(**{"R_D*": [claims_mod.interval_text(r, lo, hi, lo <= 0) for r, lo, hi in
-                                    zip(fits["R_D_star"], fits["R_D_star_lo"], fits["R_D_star_hi"])],
-                           "usable epochs": [claims_mod.interval_text(u, lo, hi, r_lo <= 0) for u, lo, hi, r_lo in
-                                             zip(fits["usable_epochs"], fits["usable_epochs_lo"],
-                                                 fits["usable_epochs_hi"], fits["R_D_star_lo"])]})
-    cols = ["arm", "R_D*", "status", "usable epochs", "r2", "n_runs", "n_one_epoch", "max_epochs", "method",
-            "interval", "E", "A", "B", "alpha", "beta", "degenerate"]
-    return shown[cols]
+def _not_drawn(diverged: pd.DataFrame) -> str:
+    """The caption's note on diverged runs, which no figure draws."""
+    if diverged.empty:
+        return ""
+    names = [f"{r.arm} {r.size}, {figures.setting_label(r.unique_tokens, r.epochs)}" for r in diverged.itertuples()]
+    return f" Not drawn (diverged): {'; '.join(names)}."
 
 
-def _noise_lines(result: claims_mod.Claims) -> list[str]:
-    """What the noise floor is: measured from replicates, or assumed (and what that caps)."""
-    measured = result.noise[result.noise["dof"] > 0] if len(result.noise) else result.noise
-    if measured.empty:
-        return [f"No setting was run with several seeds, so the seed-to-seed noise is not measured: an assumed "
-                f"{ASSUMED_SEED_SD} nats/token standard deviation stands in for it, and no verdict can be stronger "
-                "than \"suggested\"."]
-    return ["Seed-to-seed standard deviation pooled over the replicated cells (cells: arm × size × U × tokens × "
-            "learning rate); a cell's standard error combines it with the ELBO's Monte-Carlo error. Single-seed "
-            "settings use it too, but alone they can at most \"suggest\"."]
+def _headline(report: Report, result: claims_mod.Claims, diverged: pd.DataFrame) -> None:
+    """The summary's figure: effective data against epochs where the runs give it, else final loss."""
+    sizes = figures.size_order(result.cells, "params")
+    path = headline.effective_data_vs_epochs(result.effective, sizes, report.figures / "headline.png")
+    if path is not None:
+        report.figure(path, "Effective data against epochs",
+                      "Each arm's D_eq/D (what a repeated token was worth in fresh tokens) against epochs at fixed U, "
+                      "with 95% intervals; black lines: the papers' laws (dashed AR, R_D\\* = 15; dotted diffusion, "
+                      "R_D\\* = 500). Look at which line each arm's points follow." + _not_drawn(diverged))
+        return
+    by, _ = figures.fixed_u_lines(result.cells)
+    fixed = "fixed U" if by == "unique_tokens" else "fixed total tokens (fewer unique tokens at more epochs)"
+    report.figure(headline.loss_vs_epochs_marked(result.cells, report.figures / "headline.png"),
+                  "Final loss against epochs",
+                  f"Each arm's final validation loss against epochs at {fixed}, ±1.96 s.e.; black lines: the papers' "
+                  "usable epochs (dashed ≈ 4 for AR, dotted ≈ 100 for diffusion). Look at where each arm's loss "
+                  "stops falling; levels are not comparable across arms (ELBO vs exact NLL)." + _not_drawn(diverged))
 
 
-def _learning_rate_lines(runs: pd.DataFrame) -> list[str]:
-    """A caveat when every arm trained at one learning rate: it was tuned for neither objective."""
-    rates = runs["learning_rate"].dropna().unique() if "learning_rate" in runs else []
-    if len(rates) != 1 or runs["arm"].nunique() < 2:
-        return []
-    return [f"- Every arm and size trained at one learning rate ({rates[0]:g}), tuned for none of them: an "
-            "arm's losses may reflect the rate as much as the objective (a `tune:` sweep picks one per arm and "
-            "size)."]
+def _header(report: Report, frames: StudyFrames, folder: Path, result: claims_mod.Claims, listed: bool) -> None:
+    runs_dir = (frames.spec or {}).get("runs_dir") or "runs"
+    counts = summary.stage_counts(frames)
+    report.add(f"# Study report: {frames.name}",
+               f"Rebuild with `dlmstudy report {runs_dir}/{folder.name}`: nothing is retrained, and the same run "
+               "folders give this page byte for byte.", "",
+               f"- **Runs**: {summary.runs_line(counts)}"
+               + (" (see *Diverged runs*)" if counts["pretrain"]["diverged"] or counts["tune"]["diverged"] else "")
+               + (" (see *Missing runs*)" if len(frames.missing) else "") + ".",
+               f"- **Comparisons**: {summary.comparisons_line(result.verdicts, listed)}.")
+    report.add("## Summary", f"**Scale**: {summary.scale_line(result.cells, result.noise)}", "",
+               *summary.claim_sentences(result.verdicts))
+    _headline(report, result, frames.diverged)
 
 
-def _claims_section(report: Report, result: claims_mod.Claims, runs: pd.DataFrame) -> None:
-    report.add("## What this study does and does not show: the data-constrained claims")
-    shown = result.table[["claim", "diffusion", "ar", "verdict", "decisive", "reason", "caveat"]]
-    report.table(result.table, "claims", shown)
-    report.add(
-        "How to read this table:", "",
-        "- One row per claim and comparison (diffusion arm, AR arm). **Verdicts** (rules in `docs/report.md`): "
-        "*supported* needs replicated evidence beyond the measured noise in at least two settings; *suggested* "
-        "points the same way from a single seed or one setting; *inconclusive* is within the noise or tests "
-        "disagree; *not testable* means the grid cannot decide (the reason says why).",
-        "- **Loss levels are not comparable across arms**: diffusion losses are ELBO upper bounds on the NLL, AR "
-        "losses exact NLL. Claims (a) and (b) use changes within an arm only (effective data, fits); claim (c) "
-        "compares levels and is therefore conservative toward diffusion.",
-        "- Every loss in a claim is a final validation loss, all on one validation set (see *Runs*); diverged runs "
-        "are in none of them.",
-        *_learning_rate_lines(runs),
-        f"- The claims separate the arms only beyond {claims_mod.DISCRIMINATING_EPOCHS:.3g} epochs, where AR's law "
-        "(R_D\\* = 15) values repeated data below 90% of fresh; the paper's critical compute is "
-        "C_crit(U) = 2.12e15·(U/1e6)^2.174 FLOPs, with C = 6·N·D here (N non-embedding parameters).")
-    if len(result.noise):
-        report.add("### Noise from replicates", *_noise_lines(result))
-        if result.noise["dof"].gt(0).any():
-            report.table(result.noise, "seed_noise")
+def _claims(report: Report, result: claims_mod.Claims, runs: pd.DataFrame) -> None:
+    report.add("## Claims")
+    report.table(result.table, "claims", evidence.claims_table(result))
+    report.add(*evidence.HOW_TO_READ, *evidence.learning_rate_lines(runs),
+               f"- The claims separate the arms only beyond {claims_mod.DISCRIMINATING_EPOCHS:.3g} epochs, where AR's "
+               "law (R_D\\* = 15) values repeated data below 90% of fresh; the paper's critical compute is "
+               "C_crit(U) = 2.12e15·(U/1e6)^2.174 FLOPs, with C = 6·N·D here (N non-embedding parameters).")
     if len(result.evidence):
-        report.add("### Evidence per test")
-        report.table(result.evidence, "claims_evidence",
-                     result.evidence[["claim", "diffusion", "ar", "test", "verdict", "decisive", "reason"]])
-    if len(result.effective):
-        report.add("### Effective data: what repeated tokens were worth",
-                   "D_eq/D per repeated-data cell: the fresh tokens D_eq at which the arm's own one-epoch curve "
-                   "(same size) reaches the cell's loss, over the tokens D it trained on, with its 95% interval "
-                   "(every loss drawn from its noise). '> x' / '< x': the loss lies beyond the curve's ends, a "
-                   "bound only. The last two columns are what the papers' R_D\\* (15 and 500) would give.")
-        shown = result.effective.assign(**{"95%": [claims_mod.ratio_text("", lo, hi).strip() or "beyond the curve"
-                                                   for lo, hi in zip(result.effective["lo"], result.effective["hi"])]})
-        cols = ["arm", "size", "unique_tokens", "tokens", "epochs", "loss", "D_eq/D (reads)", "95%", "n_seeds",
-                "expected at R_D* = 15", "expected at R_D* = 500", "one-epoch curve (tokens)"]
-        report.table(result.effective, "effective_data", shown[cols].rename(columns={"D_eq/D (reads)": "D_eq/D"}))
-    if len(result.fits):
-        report.add("### Fit of the data-constrained law (Muennighoff et al.)",
-                   "Per arm: R_D\\* from its profile likelihood (the other constants refitted at every R\\*) with "
-                   f"its {scaling.LEVEL:.0%} interval, or the bound the runs give when they cannot bound it both "
-                   "ways (not identified); usable epochs (repeated data worth ≥ 90% of fresh); R² on loss; the "
-                   "fitted constants, blank where they are degenerate (the flag says why).")
-        report.table(result.fits, "fits", _fits_shown(result.fits))
-        report.add("Runs each fit used:", "", *[f"- {row.arm}: {row.runs}" for row in result.fits.itertuples()])
-    elif len(runs):
-        reasons = claims_mod.fit_readiness(runs)
-        report.add("### Fit of the data-constrained law", "Not fitted: " + "; ".join(
-            f"{arm}: {reason or 'ready, but no fit was made'}" for arm, reason in reasons.items()) + ".")
-    if len(result.penalties):
-        report.add("### Repetition at equal total tokens (context)",
-                   "Loss change in nats when a token budget is spent on repeated instead of fresh data (within each "
-                   "arm). Context only: claim (a) compares effective data, not nats, since the arms' losses fall "
-                   "at different rates with data.")
-        report.table(result.penalties, "repetition")
-    if len(result.gaps):
-        report.add("### Arms at matched settings", "Diffusion ELBO minus AR NLL at the same size, U and tokens "
-                   "(negative: diffusion ahead, which the ELBO bound makes conservative).")
-        report.table(result.gaps, "arm_gaps")
-    if len(result.frontiers):
-        report.add("### Compute frontiers", "Per U, at each matched compute C: each arm's best loss over its runs with "
-                   "compute ≤ C, and diffusion minus AR between them (the test of claim c).")
-        report.table(result.frontiers, "compute_frontiers")
-    if len(result.reversal):
-        report.add("### Question answering per run and direction")
-        report.table(result.reversal, "qa_accuracy")
+        result.evidence.to_csv(report.out / "tables" / "claims_evidence.csv", index=False)
+    evidence.evidence_sections(report, result)
 
 
-def _diverged_section(report: Report, diverged: pd.DataFrame) -> None:
+def _figures(report: Report, frames: StudyFrames, result: claims_mod.Claims) -> None:
+    runs, fig_dir, gone = frames.runs, report.figures, _not_drawn(frames.diverged)
+    scalars = (frames.scalars[frames.scalars["run_id"].isin(runs["run_id"])] if len(runs) and len(frames.scalars)
+               else pd.DataFrame())
+    drawn = [
+        (figures.loss_vs_tokens(scalars, fig_dir / "loss_vs_tokens.png"), "Validation loss against tokens seen",
+         "One panel per data setting (U unique tokens, R epochs): look for curves that turn upward, a model "
+         "overfitting its repeated data; diffusion bands are ±1.96 Monte-Carlo s.e." + gone),
+        (figures.loss_vs_epochs(result.cells, runs, fig_dir / "loss_vs_epochs.png"),
+         "Final and best validation loss against epochs",
+         "Final loss (±1.96 s.e.) and the best during training against epochs, stars at each AR line's lowest: "
+         "look at where each arm stops improving and how far its final loss rises past its best." + gone),
+        (figures.loss_vs_flops(result.cells, runs, fig_dir / "loss_vs_flops.png"),
+         "Final validation loss against training compute",
+         "C = 6·N·D (N non-embedding parameters); lines are each arm's Pareto frontier: look at whether the "
+         "frontiers cross (claim c), remembering that diffusion's ELBO is an upper bound." + gone),
+        (figures.params_epochs_heatmap(runs, frames.diverged, fig_dir / "params_epochs.png"),
+         "Final validation loss over model size and epochs",
+         "One colour scale for every panel: look at whether a larger model or more epochs lowers each arm's loss; "
+         "a cell says when its run diverged or was not run."),
+        (figures.accuracy_by_arm(result.reversal, fig_dir / "accuracy.png"),
+         "Question answering: exact match per arm and direction",
+         "Wilson 95% intervals: look at the reverse questions, where claim (d) expects diffusion ahead."),
+    ]
+    if any(path is not None for path, _, _ in drawn):
+        report.add("## Figures")
+        for path, title, caption in drawn:
+            report.figure(path, title, caption, heading=f"### {title}")
+
+
+def _qa(report: Report, frames: StudyFrames, result: claims_mod.Claims) -> None:
+    """Probe accuracy per run and direction, and a few probes with each arm's answer side by side."""
+    if result.reversal.empty:
+        return
+    report.add("## Question answering", "Exact-match accuracy per run and question direction with Wilson 95% "
+               "intervals (`ci_lo`, `ci_hi`).")
+    shown = result.reversal.assign(ci_lo=result.reversal["ci_lo"].clip(0, 1), ci_hi=result.reversal["ci_hi"].clip(0, 1))
+    report.table(result.reversal, "qa_accuracy", shown)  # shown clipped to [0, 1]: Wilson ends in float rounding
+    qa = frames.qa[frames.qa["run_id"].isin(frames.runs["run_id"])]
+    order = list(frames.planned["run_id"]) if "run_id" in frames.planned else []
+    for direction, group in qa.groupby("direction", sort=True) if "direction" in qa else []:
+        table = side_by_side(group, order, questions=4)
+        if len(table):
+            report.add(f"The first {direction} probes, each arm's answer (its first run in the plan):", "",
+                       md_table(table, missing="not asked"))
+
+
+def _runs(report: Report, runs: pd.DataFrame) -> None:
+    """Finished runs: values every run shares said once above the table, the rest one row per run."""
+    cols = [c for c in RUN_COLUMNS if c in runs]
+    shared = [c for c in LIFTED if c in cols and runs[c].nunique(dropna=False) == 1 and len(runs) > 1]
+    probed = [c for c in ("accuracy_forward", "accuracy_reverse") if c in runs and runs[c].notna().any()]
+    shown_cols = [c for c in cols if c not in shared and (c in probed or not c.startswith("accuracy_"))]
+    lines = ["Finished runs that did not diverge; \"best\" is the lowest loss over evaluations on one set."]
+    if shared:
+        lines.append("Every run: " + "; ".join(f"{RUN_COLUMNS[c]} {_value(runs[c].iloc[0])}"
+                                              for c in shared) + ".")
+    if not probed:
+        lines.append("No run was probed with questions (no accuracy columns).")
+    report.add("## Runs", " ".join(lines))
+    report.table(runs, "runs", runs[shown_cols].rename(columns=RUN_COLUMNS),
+                 missing={"acc. forward": "not probed", "acc. reverse": "not probed",
+                          "final val. loss": "no final evaluation", "best val. loss": "no evaluation",
+                          "± MC s.e.": "not recorded"})
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _diverged(report: Report, diverged: pd.DataFrame) -> None:
     """Diverged runs under their own heading, with the step and the reason; they are in no number above."""
     report.add("## Diverged runs", "These runs blew up during training. They are in no cell, fit, frontier, "
                "figure or claim; their settings count as not run.")
     cols = {"run_id": "run", "arm": "arm", "size": "size", "unique_tokens": "unique tokens", "epochs": "epochs",
             "learning_rate": "learning rate", "diverged_step": "step", "diverged_reason": "reason",
             "best_val_loss": "best val. loss before", "best_val_set": "best on"}
-    report.table(diverged, "diverged", diverged[[c for c in cols if c in diverged]].rename(columns=cols))
+    report.table(diverged, "diverged", diverged[[c for c in cols if c in diverged]].rename(columns=cols),
+                 missing={"best val. loss before": "no evaluation before it diverged", "step": "not recorded"})
 
 
-def _tune_section(report: Report, tune: pd.DataFrame) -> None:
+def _tune(report: Report, tune: pd.DataFrame) -> None:
     """The learning-rate sweeps: each candidate's final loss and the winner per arm and size."""
     tune = tune.assign(winner=False)
     healthy = tune[~tune["diverged"]].dropna(subset=["final_val_loss"])
@@ -226,7 +199,8 @@ def _tune_section(report: Report, tune: pd.DataFrame) -> None:
     report.add("## Learning-rate sweeps", "Per arm and size, each candidate learning rate on a fraction of the "
                "tokens; the study's runs of that arm and size use the winner (lowest final validation loss; a "
                "diverged candidate never wins). Sweep runs are in no number of the claims.")
-    report.table(tune, "tune", tune[[c for c in cols if c in tune]].rename(columns=cols))
+    report.table(tune, "tune", tune[[c for c in cols if c in tune]].rename(columns=cols),
+                 missing={"final val. loss": "diverged before its final evaluation", "diverged at step": "did not"})
 
 
 def _throughput(bench: pd.DataFrame) -> pd.DataFrame:
@@ -237,99 +211,124 @@ def _throughput(bench: pd.DataFrame) -> pd.DataFrame:
     return bench[keys + values].sort_values(keys[:2])
 
 
-def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: int = 200) -> Path:
-    """Write report.md, report.html, figures/*.png and tables/*.csv for one study folder; returns report.md."""
-    frames: StudyFrames = load_study(study_folder)
-    out = Path(out_dir)
+def _sampler(report: Report, frames: StudyFrames) -> None:
+    grid, fig_dir = frames.sampler_grid, report.figures
+    report.add("## Sampler grids", "Accuracy and tokens/s over sampling steps × block length (and confidence "
+               "threshold for parallel decoding; 'off' = fixed schedule).")
+    report.table(grid, "sampler_grid", missing={"threshold": "off"})
+    report.figure(figures.sampler_heatmaps(grid, "accuracy", fig_dir / "sampler_accuracy.png", frames.runs),
+                  "Sampler grid: accuracy", "Accuracy per steps × block length, one colour scale for every panel: "
+                  "look for the fewest steps that keep the accuracy of the most.", heading="### Sampler grid: accuracy")
+    report.figure(figures.sampler_heatmaps(grid, "tokens_per_s", fig_dir / "sampler_speed.png", frames.runs),
+                  "Sampler grid: tokens/s", "Tokens/s per steps × block length on one log colour scale for every "
+                  "panel: look at what fewer steps or a threshold buy.", heading="### Sampler grid: tokens/s")
+    report.figure(figures.sampler_tradeoff(grid, fig_dir / "sampler_tradeoff.png", frames.runs),
+                  "Sampler speed against accuracy",
+                  "Speed-up over each run's plain sampler (no threshold, eager, the most steps) against the accuracy "
+                  "difference measured probe by probe with its 95% interval: a bar crossing 0 is equal within noise.",
+                  heading="### Sampler speed against accuracy")
+
+
+def _relative(text: str, folder: Path, shown: str) -> str:
+    """A path or note with the study folder as the report names it (no absolute paths in the output)."""
+    return text.replace(str(folder.resolve()), shown).replace(str(folder), shown)
+
+
+def _write(folder: Path, out: Path, bootstrap: int) -> Path:
+    """Every file of the report, into `out`."""
+    frames = load_study(folder)
     report = Report(out)
-    runs = frames.runs
-    report.add(f"# Study report: {frames.name}",
-               f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from `{study_folder}` "
-               f"({len(runs)} finished runs{f', {len(frames.diverged)} diverged' if len(frames.diverged) else ''}, "
-               f"{len(frames.missing)} missing). Rebuild with "
-               f"`dlmstudy report {study_folder}`; nothing is retrained.")
-    if frames.spec:
-        report.add("## Set-up", *_setup(frames.spec))
-    result = claims_mod.judge_claims(runs, frames.qa, spec=frames.spec, bootstrap=bootstrap)
-    _claims_section(report, result, runs)
+    runs, spec = frames.runs, frames.spec or {}
+    listed = bool(spec.get("comparisons"))
+    if not listed and spec.get("arms"):
+        known = dict(zip(runs["arm"], runs["objective"])) if len(runs) else {}
+        spec = {**spec, "comparisons": default_comparisons([str(a) for a in spec["arms"]], known)}
+    result = claims_mod.judge_claims(runs, frames.qa, spec=spec, bootstrap=bootstrap)
+    shown = f"{(frames.spec or {}).get('runs_dir') or 'runs'}/{folder.name}"
+
+    _header(report, frames, folder, result, listed)
+    _claims(report, result, runs)
+    _figures(report, frames, result)
+    evidence.supporting_sections(report, result, runs)
+    _qa(report, frames, result)
+    sft_section(report, frames, folder)
+    if len(frames.sampler_grid):
+        _sampler(report, frames)
+    if len(frames.lm_eval):
+        lm_eval = frames.lm_eval.assign(file=[_relative(f, folder, shown) for f in frames.lm_eval["file"]])
+        report.add("## lm_eval results", "Each task's metrics as lm_eval reported them (stderr from lm_eval).")
+        report.table(lm_eval, "lm_eval", lm_eval.drop(columns=["file"]), missing={"stderr": "not reported",
+                                                                                  "n": "not reported"})
+    if len(frames.bench):
+        report.add("## Throughput", "From `dlmstudy bench --json` records stored as `bench*.json` in the study folder.")
+        report.table(frames.bench, "throughput", _throughput(frames.bench), missing="not measured")
     if len(runs):
-        report.add("## Runs", "Finished runs that did not diverge. `final on` / `best on`: the validation sequences "
-                   "each number scored; \"best\" is the lowest loss over evaluations on one set.")
-        report.table(runs, "runs", runs[[c for c in RUN_COLUMNS if c in runs]].rename(columns=RUN_COLUMNS))
+        _runs(report, runs)
     if len(frames.diverged):
-        _diverged_section(report, frames.diverged)
+        _diverged(report, frames.diverged)
     if len(frames.tune):
-        _tune_section(report, frames.tune)
+        _tune(report, frames.tune)
     if len(frames.missing):
         report.add("## Missing runs", "Planned or started but without a result (run the study again to finish them); "
-                   "the tables and claims above use the finished runs only.")
-        report.table(frames.missing_runs, "missing")
-
-    fig_dir = out / "figures"
-    scalars = (frames.scalars[frames.scalars["run_id"].isin(runs["run_id"])] if len(runs) and len(frames.scalars)
-               else pd.DataFrame())
-    figs = [
-        ("Validation loss against tokens seen",
-         figures.loss_vs_tokens(scalars, fig_dir / "loss_vs_tokens.png"), ""),
-        ("Final and best validation loss against epochs", figures.loss_vs_epochs(runs, fig_dir / "loss_vs_epochs.png"),
-         "Stars mark each AR line's lowest loss."),
-        ("Final validation loss against training compute", figures.loss_vs_flops(runs, fig_dir / "loss_vs_flops.png"),
-         "C = 6·N·D with N the non-embedding parameters (neither embedding nor output head) and D the tokens trained "
-         "on; lines are each arm's Pareto frontier."),
-        ("Final validation loss over model size and epochs",
-         figures.params_epochs_heatmap(runs, fig_dir / "params_epochs.png"), ""),
-        ("Question answering: exact match per arm and direction",
-         figures.accuracy_by_arm(result.reversal, fig_dir / "accuracy.png"), "Error bars: Wilson 95% intervals."),
-    ]
-    if any(p is not None for _, p, _ in figs):
-        report.add("## Figures")
-        for title, path, caption in figs:
-            report.figure(title, path, caption)
+                   "the numbers above use the finished runs only.")
+        report.table(frames.missing_runs, "missing", missing="does not apply")
+    if frames.spec:
+        report.add("## Set-up", *_setup(frames.spec))
     if len(frames.scalars):
         frames.scalars.to_csv(out / "tables" / "scalars.csv", index=False)
     if len(frames.swanlab):
         frames.swanlab.to_csv(out / "tables" / "swanlab_scalars.csv", index=False)
-
-    if len(frames.sampler_grid):
-        report.add("## Sampler grids", "Accuracy and tokens/s over sampling steps × block length (and confidence "
-                   "threshold for parallel decoding; 'off' = fixed schedule).")
-        report.table(frames.sampler_grid, "sampler_grid")
-        report.figure("Sampler grid: accuracy", figures.sampler_heatmaps(frames.sampler_grid, "accuracy",
-                                                                          fig_dir / "sampler_accuracy.png", runs))
-        report.figure("Sampler grid: tokens/s", figures.sampler_heatmaps(frames.sampler_grid, "tokens_per_s",
-                                                                          fig_dir / "sampler_speed.png", runs))
-        report.figure("Sampler speed against accuracy", figures.sampler_tradeoff(
-            frames.sampler_grid, fig_dir / "sampler_tradeoff.png", runs),
-            "Speed-up over each run's plain sampler (no threshold, eager, the most steps) against the accuracy "
-            "difference measured probe by probe, with its 95% interval: a bar that crosses 0 is equal within noise.")
-    if len(frames.lm_eval):
-        report.add("## lm_eval results", "Each task's metrics as lm_eval reported them (stderr from lm_eval).")
-        report.table(frames.lm_eval, "lm_eval", frames.lm_eval.drop(columns=["file"]))
-    if len(frames.sft) or len(frames.sft_scalars):
-        report.add("## Supervised fine-tuning",
-                   "Per-epoch evaluations on held-out rows. `val_loss` is each arm's own SFT objective: for diffusion "
-                   "arms it also scores the EOS padding LLaDA trains on, so it is not comparable with an AR arm's. "
-                   "`answer_nll` scores the same answer tokens for every arm (exact NLL for AR, the ELBO upper bound "
-                   "for diffusion); runs made before it existed lack it. `accuracy` is exact match of the answer's "
-                   "first line, `answer_f1` SQuAD token F1 of the whole answer.")
-        if len(frames.sft):
-            report.table(frames.sft, "sft")
-        if len(frames.sft_scalars):
-            frames.sft_scalars.to_csv(out / "tables" / "sft_scalars.csv", index=False)
-        report.figure("SFT curves", figures.sft_curves(frames.sft_scalars, frames.sft, fig_dir / "sft.png"))
-    if len(frames.bench):
-        report.add("## Throughput", "From `dlmstudy bench --json` records stored as `bench*.json` in the study folder.")
-        report.table(frames.bench, "throughput", _throughput(frames.bench))
     if len(frames.sources):
         report.add("## Data read", "What each finished run folder held (the SwanLab column compares the decoded "
                    "offline log with the scalar mirror).")
-        report.table(frames.sources, "sources")
+        report.table(frames.sources, "sources", missing={"mirror vs SwanLab max |diff|": "no SwanLab log",
+                                                         "SFT": "none"})
     if frames.notes:
-        report.add("Skipped while reading:", "", *[f"- {note}" for note in frames.notes])
+        report.add("Skipped while reading:", "", *[f"- {_relative(note, folder, shown)}" for note in frames.notes])
+    return report.write(f"dlmstudy: {frames.name}")
 
-    text = "\n".join(report.lines) + "\n"
-    (out / "report.md").write_text(text)
-    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
-    (out / "report.html").write_text(HTML_PAGE.format(title=f"dlmstudy: {frames.name}", body=body))
+
+def _check_destination(out: Path) -> None:
+    """A report replaces its folder whole: refuse one that holds anything a report does not write."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a folder; give the report a folder of its own")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_ENTRIES)
+        if foreign:
+            raise UserError(f"{out}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which a "
+                            "report does not write; a rebuild replaces the folder whole, so give an empty folder or "
+                            "a report's own")
+
+
+def _stale_builds(out: Path) -> list[Path]:
+    """Build folders of this destination left by killed builds (their process is gone)."""
+    stale = []
+    for path in out.parent.glob(f".{out.name}.building-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.append(path)
+        except (ValueError, PermissionError):
+            continue
+    return stale
+
+
+def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: int = 200) -> Path:
+    """Write report.md, report.html, figures/*.png and tables/*.csv for one study folder into `out_dir`, replacing
+    what was there in one step; returns report.md. A build killed or failing midway leaves the previous report
+    whole."""
+    folder, out = Path(study_folder), Path(out_dir)
+    restore_folder(out)
+    _check_destination(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_builds(out):
+        shutil.rmtree(stale, ignore_errors=True)
+    building = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        _write(folder, building, bootstrap)
+        replace_folder(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return out / "report.md"
-

@@ -265,9 +265,23 @@ def check_unused(tokenizer, data, grid, training, evaluation, sft, arms: list[st
     return problems
 
 
+def check_comparisons_of(comparisons, arms: list[str]) -> list[str]:
+    """`comparisons:` names pairs of `arms:`, one diffusion and one AR arm each, none twice."""
+    from dlmstudy.study.comparisons import check_comparisons
+
+    if comparisons is None:
+        return []
+    try:
+        check_comparisons(arms, comparisons)
+    except ValueError as err:
+        return [f"comparisons: {err}"]
+    return []
+
+
 # (the sections a check reads, the check): run in order when all its sections validated.
 CHECKS: list[tuple[tuple[str, ...], Callable[..., list[str]]]] = [
     (("arms",), check_arms),
+    (("comparisons", "arms"), check_comparisons_of),
     (("model", "grid"), check_solved_shape),
     (("model", "arms"), check_model),
     (("evaluation", "arms"), check_evaluation),

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError,
-                      create_model, field_validator, model_validator)
+                      ValidationInfo, create_model, field_validator, model_validator)
 
 from dlmstudy.errors import UserError
+from dlmstudy.study.comparisons import check_comparisons
 
 
 class Strict(BaseModel):
@@ -301,6 +302,14 @@ class StudySpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     sft: SFTSpec | None = None
     cluster: ClusterSpec | None = None
+    comparisons: list[tuple[str, str]] | None = Field(
+        None, min_length=1, description="pairs [diffusion arm, AR arm] of `arms:` the claims compare (stored "
+        "diffusion first); without it every diffusion arm is compared with every AR arm")
+
+    @field_validator("comparisons")
+    @classmethod
+    def _comparisons(cls, v: list[tuple[str, str]] | None, info: ValidationInfo) -> list[tuple[str, str]] | None:
+        return None if v is None or "arms" not in info.data else check_comparisons(info.data["arms"], v)
 
 
 def _where(loc: tuple) -> str:
