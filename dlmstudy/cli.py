@@ -207,6 +207,13 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    "(and never fewer than keep each block within its steps)")
     s.add_argument("--use_cache", action="store_true", default=None,
                    help="diffusion, Fast-dLLM: per-block prefix KV cache")
+    s.add_argument("--logits_eos_inf", action="store_true", default=None,
+                   help="diffusion, LLaDA: never generate EOS (or SFT padding); answers end at <|im_end|>")
+    s.add_argument("--confidence_eos_eot_inf", action="store_true", default=None,
+                   help="diffusion, LLaDA: commit EOS and <|im_end|> after every other position of a block "
+                        "(default with low_confidence remasking)")
+    s.add_argument("--no_confidence_eos_eot_inf", dest="confidence_eos_eot_inf", action="store_false", default=None,
+                   help="diffusion: commit end tokens by their confidence like any other token")
     s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")
     s.add_argument("--compiled", action="store_true",
                    help="torch.compile + CUDA graphs: the same tokens, faster on GPUs after a compile per shape "

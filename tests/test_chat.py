@@ -46,6 +46,13 @@ def test_options_follow_the_arm():
     diffusion, ar = get_arm("llada-mdm"), get_arm("qwen-ar")
     kwargs = DecodeOptions(max_length=16).sampler_kwargs(diffusion)
     assert (kwargs["gen_length"], kwargs["steps"], kwargs["block_length"]) == (16, 16, 16)
+    assert kwargs["confidence_eos_eot_inf"] is True and kwargs["logits_eos_inf"] is False  # end tokens last
+    assert DecodeOptions(remasking="random").sampler_kwargs(diffusion)["confidence_eos_eot_inf"] is False
+    assert DecodeOptions(confidence_eos_eot_inf=False, logits_eos_inf=True).sampler_kwargs(diffusion) | {} == {
+        **kwargs, "gen_length": 128, "steps": 128, "block_length": 32, "confidence_eos_eot_inf": False,
+        "logits_eos_inf": True}
+    with pytest.raises(UserError, match="--logits_eos_inf is an option of diffusion decoding"):
+        DecodeOptions(logits_eos_inf=True).sampler_kwargs(ar)
     assert DecodeOptions(max_length=64, steps=8).sampler_kwargs(diffusion)["block_length"] == 32
     assert DecodeOptions(max_length=9, top_p=None).sampler_kwargs(ar) == {
         "max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "compiled": False}
