@@ -62,7 +62,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
              "eval_tokens": e.eval_tokens, "est_eval_seconds": e.eval_seconds, "est_total_seconds": e.total_seconds,
              "bench_record": e.record.describe() if e.record else None} for r, e in zip(plan.runs, estimates)]
     sft_rows = [{"stage": "sft", "run_id": r.run_id if plan.exact_ids or r.parent is None else None,
-                 "label": r.run_id if r.parent is None else f"sft-{r.arm.name}_e{r.epochs}", "arm": r.arm.name,
+                 "label": r.run_id if r.parent is None else r.run_id.rsplit("_", 1)[0], "arm": r.arm.name,
                  "base": str(r.base) if r.parent is None else f"pretraining run {r.parent}", "parent": r.parent,
                  "sft_epochs": r.epochs} for r in plan.sft_runs]
     if a.json:

@@ -11,6 +11,8 @@ What is read, every file optional except a finished run's result.json:
     runs/<study>/<run>/eval/**/*.json             lm_eval results (files with a "results" mapping)
     runs/<study>/<run>/eval/sampler_grid.csv      sampler grid: steps, block_length, [threshold, compiled, batch_size,]
                                                   accuracy, tokens_per_s, [same_answers, accuracy_diff_se]
+    runs/<study>/<sft run>/eval/qa_samples.jsonl  an SFT run's answers to the held-out probes after its last epoch
+    runs/<study>/<sft run>/eval/decode_grid.csv   an SFT run's answers per decoding setting (answer_f1, empty_answers)
     runs/<study>/<run>/sft/<name>/                SFT of that run's checkpoint (see `read_sft`)
     runs/<study>/sft/<name>/                      SFT of a model not pretrained in this study
     runs/<study>/bench*.json, runs/<study>/bench/*.json   `dlmstudy bench --json` records
@@ -52,7 +54,9 @@ class StudyFrames:
     `status`; scalars: logged scalars per run and
     step (`source`: mirror or swanlab); swanlab: the decoded SwanLab logs (run_id, step, key, value); qa: probe
     answers; lm_eval: one row per run, task and metric; sampler_grid: one row per run and sampler setting;
-    sft / sft_scalars: SFT results per epoch and SFT training curves; bench: throughput records;
+    sft / sft_scalars: SFT results per epoch and SFT training curves; sft_runs: one row per finished SFT run
+    (result.json, its variant as `variant`); sft_answers: their probe answers (run_id, arm, sft_epochs, variant,
+    question, expected, answer); decode_grid: SFT runs' decode grids; bench: throughput records;
     sources: per run, what was found; notes: files that could not be read."""
 
     name: str
@@ -68,6 +72,9 @@ class StudyFrames:
     sampler_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
     sft: pd.DataFrame = field(default_factory=pd.DataFrame)
     sft_scalars: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sft_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sft_answers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decode_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
     bench: pd.DataFrame = field(default_factory=pd.DataFrame)
     sources: pd.DataFrame = field(default_factory=pd.DataFrame)
     notes: list[str] = field(default_factory=list)
@@ -241,7 +248,43 @@ def _read_sft_run(run_dir: Path, result: dict, notes: list[str]) -> dict[str, li
     tag = {"run_id": result["run_id"], "arm": result["arm"], "sft": f"{k} epoch{'s' if k > 1 else ''}",
            "parent": result.get("parent")}
     evals = [{**tag, **row} for row in curve if "val_loss" in row]
-    return {"sft": evals, "sft_scalars": [{**tag, **row} for row in curve]}
+    variant = ", ".join(f"{key} {value}" for key, value in (result.get("variant") or {}).items())
+    own = {"run_id": result["run_id"], "arm": result["arm"], "sft_epochs": k, "variant": variant}
+    samples = run_dir / "eval" / "qa_samples.jsonl"
+    answers = [{**own, "question": row.get("question"), "expected": row.get("expected"),
+                "answer": row.get("text", row.get("answer"))}
+               for row in (_read_jsonl(samples, notes) if samples.exists() else [])]
+    grid = []
+    if (run_dir / "eval" / "decode_grid.csv").exists():
+        try:
+            grid = [pd.read_csv(run_dir / "eval" / "decode_grid.csv").assign(**own)]
+        except (OSError, ValueError) as err:
+            notes.append(f"`{run_dir / 'eval' / 'decode_grid.csv'}` skipped: {err}")
+    flat = {key: value for key, value in result.items() if not isinstance(value, dict)}
+    decoding = {f"decoding_{k}": v for k, v in (result.get("decoding") or {}).items()}
+    return {"sft": evals, "sft_scalars": [{**tag, **row} for row in curve], "sft_answers": answers,
+            "decode_grid": grid, "sft_runs": [{**flat, "variant": variant, **decoding}]}
+
+
+def answers_side_by_side(answers: pd.DataFrame, planned: pd.DataFrame, *, questions: int = 5
+                         ) -> dict[int, pd.DataFrame]:
+    """Per SFT epoch count: the first `questions` held-out questions with their expected answer and one column per
+    arm, the answer of that arm's first SFT run with this epoch count in the study's plan order."""
+    if answers.empty:
+        return {}
+    order = {rid: i for i, rid in enumerate(planned.get("run_id", []))}
+    out = {}
+    for epochs, group in answers.groupby("sft_epochs", sort=True):
+        runs = group.drop_duplicates("run_id").assign(rank=lambda f: f["run_id"].map(order).fillna(len(order)))
+        first = runs.sort_values(["rank", "run_id"]).drop_duplicates("arm")
+        chosen = group[group["run_id"].isin(first["run_id"])]
+        table = chosen.drop_duplicates("question")[["question", "expected"]].head(questions)
+        for _, run in first.iterrows():
+            column = f"{run['arm']} ({run['variant']})" if run["variant"] else run["arm"]
+            own = chosen[chosen["run_id"] == run["run_id"]].drop_duplicates("question").set_index("question")["answer"]
+            table[column] = table["question"].map(own)
+        out[int(epochs)] = table.reset_index(drop=True)
+    return out
 
 
 def _frame(parts: list) -> pd.DataFrame:

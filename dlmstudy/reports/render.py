@@ -16,7 +16,7 @@ import pandas as pd
 
 from dlmstudy.analysis import claims as claims_mod
 from dlmstudy.analysis import figures
-from dlmstudy.analysis.frames import StudyFrames, load_study
+from dlmstudy.analysis.frames import StudyFrames, answers_side_by_side, load_study
 
 RUN_COLUMNS = {
     "run_id": "run", "arm": "arm", "size": "size", "params_total": "params (total)",
@@ -27,6 +27,11 @@ RUN_COLUMNS = {
     "wall_time_s": "wall time (s)", "train_tokens_per_s": "train tokens/s",
 }
 THROUGHPUT_VALUES = ["tokens_per_s", "mfu", "peak_memory_gb"]
+SFT_RUN_COLUMNS = ["run_id", "arm", "sft_epochs", "variant", "lora", "padding", "loss_norm", "seed",
+                   "decoding_block_length", "decoding_confidence_eos_eot_inf", "decoding_logits_eos_inf", "accuracy",
+                   "answer_f1", "empty_answers", "answer_tokens", "answer_nll", "content_nll", "first_token_rank",
+                   "p_end_offset0", "p_end_first16"]
+DECODE_KEYS = ["arm", "variant", "gen_length", "block_length", "end_tokens"]
 HTML_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.45}}
 table{{border-collapse:collapse;font-size:0.8em;margin:0.5em 0 1em}}
@@ -157,6 +162,37 @@ def _throughput(bench: pd.DataFrame) -> pd.DataFrame:
     return bench[keys + values].sort_values(keys[:2])
 
 
+def _sft_runs_section(report: Report, frames: StudyFrames) -> None:
+    """Each SFT run after its last epoch, some held-out answers of both arms side by side, and the decode grids."""
+    if len(frames.sft_runs):
+        report.add("### SFT runs after their last epoch",
+                   "`empty_answers`: share of probes answered with nothing (the first generated token ends the "
+                   "answer). Diagnostics on the held-out rows (docs/training.md): `content_nll` is the answer's "
+                   "NLL before its end tokens (diffusion: ELBO upper bound, given the answer's length), "
+                   "`first_token_rank` the median rank of the reference first answer token (1 = the model's top "
+                   "choice; diffusion: on an all-mask canvas of 64), `p_end_offset0` / `p_end_first16` the "
+                   "probability of an end token at the first answer position / over the first 16.")
+        sft_runs = frames.sft_runs
+        report.table(sft_runs, "sft_runs", sft_runs[[c for c in SFT_RUN_COLUMNS if c in sft_runs]])
+    for epochs, table in answers_side_by_side(frames.sft_answers, frames.planned).items():
+        report.add(f"### Held-out questions after {epochs} SFT epoch{'s' if epochs != 1 else ''}",
+                   "The first questions of the held-out probes with each arm's answer (its first SFT run with this "
+                   "epoch count); every answer is in the run's `eval/qa_samples.jsonl`.")
+        report.table(table, f"sft_answers_e{epochs}")
+    if len(frames.decode_grid):
+        grid = frames.decode_grid
+        values = [c for c in ("answer_f1", "empty_answers", "answer_tokens", "accuracy") if c in grid]
+        keys = [c for c in DECODE_KEYS if c in grid]
+        summary = grid.groupby(keys, dropna=False)[values].agg(["mean", "count"])
+        summary.columns = [f"{v}_{stat}" if stat == "mean" else "runs" for v, stat in summary.columns]
+        summary = summary.loc[:, ~summary.columns.duplicated()].reset_index()
+        report.add("### Decoding after SFT",
+                   "Each SFT run's probes decoded once per setting, one token a step; means over the runs of an arm "
+                   "and variant (AR arms: block length 1). `end_tokens`: LLaDA's end-token options "
+                   "(docs/sampling.md).")
+        report.table(grid, "decode_grid", summary)
+
+
 def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: int = 200) -> Path:
     """Write report.md, report.html, figures/*.png and tables/*.csv for one study folder; returns report.md."""
     frames: StudyFrames = load_study(study_folder)
@@ -229,6 +265,7 @@ def build_report(study_folder: str | Path, out_dir: str | Path, *, bootstrap: in
         if len(frames.sft_scalars):
             frames.sft_scalars.to_csv(out / "tables" / "sft_scalars.csv", index=False)
         report.figure("SFT curves", figures.sft_curves(frames.sft_scalars, frames.sft, fig_dir / "sft.png"))
+    _sft_runs_section(report, frames)
     if len(frames.bench):
         report.add("## Throughput", "From `dlmstudy bench --json` records stored as `bench*.json` in the study folder.")
         report.table(frames.bench, "throughput", _throughput(frames.bench))
