@@ -64,7 +64,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
     sft_rows = [{"stage": "sft", "run_id": r.run_id if plan.exact_ids or r.parent is None else None,
                  "label": r.run_id if r.parent is None else r.run_id.rsplit("_", 1)[0], "arm": r.arm.name,
                  "base": str(r.base) if r.parent is None else f"pretraining run {r.parent}", "parent": r.parent,
-                 "sft_epochs": r.epochs} for r in plan.sft_runs]
+                 "sft_epochs": r.epochs, "lora_r": r.sft.r if r.sft and r.sft.lora else None} for r in plan.sft_runs]
     if a.json:
         print(json.dumps(rows + sft_rows, indent=2))
         for m in plan.missing:
@@ -106,8 +106,8 @@ def cmd_plan(a: argparse.Namespace) -> None:
         time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
         print(f"total: {short_count(sum(r['total_tokens'] for r in rows))} tokens, "
               f"{sum(e.flops for e in estimates):.3g} FLOPs{time}")
-    lora = f", LoRA r {spec.sft.r}" if spec.sft and spec.sft.lora else ""
     for r in sft_rows:
+        lora = f", LoRA r {r['lora_r']}" if r["lora_r"] else ", full fine-tuning"
         print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} SFT {r['sft_epochs']} epochs from {r['base']}{lora}; "
               "time not estimated (no bench record of SFT)")
     for m in plan.missing:

@@ -46,13 +46,17 @@ def finished(tmp_path_factory):
 def test_variants_multiply_the_diffusion_arm_only():
     spec = parse_spec({**TINY, "sft": {**TINY["sft"], "base": {"llada": "a", "qwen": "b"}}})
     runs = resolve_sft_runs(spec, [])
-    labels = sorted(r.run_id.rsplit("_", 1)[0] for r in runs)
-    assert labels == ["sft-llada_e1_eos_pad_tokens-3", "sft-llada_e1_masked_pad_pad_tokens-3",
-                      "sft-llada_e1_rainbow_pad_tokens-3", "sft-llada_e1_token", "sft-qwen_e1"]
+    labels = [r.run_id.rsplit("_", 1)[0] for r in runs]
+    assert labels == ["sft-llada_e1_eos_pad_tokens-3", "sft-qwen_e1", "sft-llada_e1_rainbow_pad_tokens-3",
+                      "sft-llada_e1_masked_pad_pad_tokens-3", "sft-llada_e1_token"]  # arms innermost
     assert len({r.run_id for r in runs}) == 5
     by_label = {r.run_id.rsplit("_", 1)[0]: r for r in runs}
     assert by_label["sft-llada_e1_token"].sft.loss_norm == "token" and by_label["sft-llada_e1_token"].sft.padding == "eos"
     assert "padding" not in by_label["sft-qwen_e1"].config["sft"]  # AR runs do not depend on diffusion-only keys
+    grids = parse_spec({**TINY, "sft": {**TINY["sft"], "base": {"llada": "a", "qwen": "b"}, "variants": [
+        {"decode_grid": {"gen_length": [4], "end_tokens": ["none"]}},
+        {"decode_grid": {"gen_length": [4], "end_tokens": ["both"]}}]}})
+    assert [r.arm.name for r in resolve_sft_runs(grids, [])] == ["llada", "qwen", "llada"]  # AR ignores end tokens
 
 
 @pytest.mark.slow

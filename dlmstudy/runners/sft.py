@@ -82,9 +82,12 @@ DIFFUSION_ONLY = {**{k: True for k in DIFFUSION_ONLY_KEYS},
 
 
 def variant_label(keys: dict) -> str:
-    """A run-id fragment naming a variant's keys, e.g. `rainbow_token_s1`; "" for none."""
+    """A run-id fragment naming a variant's training keys, e.g. `rainbow_token_s1`; "" for none (decoding keys
+    change only the evaluation and are left out)."""
     parts = []
     for key, value in keys.items():
+        if key in ("decoding", "decode_grid"):
+            continue
         if key == "seed":
             parts.append(f"s{value}")
         elif isinstance(value, bool):
@@ -97,32 +100,35 @@ def variant_label(keys: dict) -> str:
 
 
 def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
-    """SFT runs for every arm x SFT variant x SFT epoch count (x pretraining run, with `from_run: all`).
+    """SFT runs for every SFT variant x epoch count x arm (x pretraining run, with `from_run: all`), in that order:
+    arms innermost, so both arms of a variant finish together.
 
     Variant keys that only the diffusion arm reads (padding, loss normalisation, its decoding options) do not
-    make separate runs of an AR arm."""
+    make separate runs of an AR arm: its variants that differ only in them are one run."""
     if spec.sft is None:
         return []
     sft = spec.sft
-    out, seen = [], set()
+    bases = {}
     for name in spec.arms:
-        arm = get_arm(name)
         if name in sft.base:
-            bases = [(Path(sft.base[name]), None)]
+            bases[name] = [(Path(sft.base[name]), None)]
         else:
             own = [r for r in runs if r.arm.name == name]
             if sft.from_run == "most_unique":
                 own = [max(own, key=lambda r: (r.unique_tokens, r.epochs, r.params.non_embedding))] if own else []
-            bases = [(r.dir / "checkpoint", r.run_id) for r in own]
-        for keys, variant in sft.expanded():
-            if arm.objective != "mdm":
-                keys = {k: v for k, v in keys.items() if k not in DIFFUSION_ONLY_KEYS}
-            settings = variant.model_dump(exclude={"epochs": True, "base": True, "variants": True,
-                                                   **({} if arm.objective == "mdm" else DIFFUSION_ONLY)})
-            seed = spec.seed if variant.seed is None else variant.seed
-            label = variant_label(keys)
-            for base, parent in bases:
-                for epochs in sft.epochs:
+            bases[name] = [(r.dir / "checkpoint", r.run_id) for r in own]
+    out, seen = [], set()
+    for keys, variant in sft.expanded():
+        seed = spec.seed if variant.seed is None else variant.seed
+        for epochs in sft.epochs:
+            for name in spec.arms:
+                arm = get_arm(name)
+                own_keys = keys if arm.objective == "mdm" else {k: v for k, v in keys.items()
+                                                                 if k not in DIFFUSION_ONLY_KEYS}
+                settings = variant.model_dump(exclude={"epochs": True, "base": True, "variants": True,
+                                                       **({} if arm.objective == "mdm" else DIFFUSION_ONLY)})
+                label = variant_label(own_keys)
+                for base, parent in bases[name]:
                     config = {"stage": "sft", "study": spec.name, "arm": name, "base": str(base), "parent": parent,
                               "sft_epochs": epochs, "seed": seed, "sft": settings,
                               "training": {**variant.arguments}, "evaluation": spec.evaluation.identity()}
@@ -130,7 +136,7 @@ def resolve_sft_runs(spec: StudySpec, runs: list[Run]) -> list[SFTRun]:
                     if rid not in seen:
                         seen.add(rid)
                         out.append(SFTRun(rid, arm, base, parent, epochs, config, study_dir(spec) / rid, variant,
-                                          keys))
+                                          own_keys))
     return out
 
 
