@@ -142,9 +142,9 @@ def cmd_plan(a: argparse.Namespace) -> None:
              "eval_tokens": e.eval_tokens, "est_eval_seconds": e.eval_seconds, "est_total_seconds": e.total_seconds,
              "bench_record": e.record.describe() if e.record else None} for r, e in zip(plan.runs, estimates)]
     sft_rows = [{"stage": "sft", "run_id": r.run_id if plan.exact_ids or r.parent is None else None,
-                 "label": r.run_id if r.parent is None else f"sft-{r.arm.name}_e{r.epochs}", "arm": r.arm.name,
+                 "label": r.run_id if r.parent is None else r.run_id.rsplit("_", 1)[0], "arm": r.arm.name,
                  "base": str(r.base) if r.parent is None else f"pretraining run {r.parent}", "parent": r.parent,
-                 "sft_epochs": r.epochs} for r in plan.sft_runs]
+                 "sft_epochs": r.epochs, "lora_r": r.sft.r if r.sft and r.sft.lora else None} for r in plan.sft_runs]
     if a.json:
         print(json.dumps(rows + sft_rows, indent=2))
         for m in plan.missing:
@@ -189,8 +189,8 @@ def cmd_plan(a: argparse.Namespace) -> None:
         time = f", about {format_duration(sum(known))} on one device" if len(known) == len(rows) else ""
         print(f"total: {short_count(sum(r['total_tokens'] for r in rows))} tokens, "
               f"{sum(e.flops for e in estimates):.3g} FLOPs{time}")
-    lora = f", LoRA r {spec.sft.r}" if spec.sft and spec.sft.lora else ""
     for r in sft_rows:
+        lora = f", LoRA r {r['lora_r']}" if r["lora_r"] else ", full fine-tuning"
         print(f"{r['run_id'] or r['label']:<40} {r['arm']:<12} SFT {r['sft_epochs']} epochs from {r['base']}{lora}; "
               "time not estimated (its rows and the base model's speed are known only once loaded)")
     for m in plan.missing:
@@ -356,6 +356,13 @@ def add_decoding_flags(s: argparse.ArgumentParser) -> None:
                    "(and never fewer than keep each block within its steps)")
     s.add_argument("--use_cache", action="store_true", default=None,
                    help="diffusion, Fast-dLLM: per-block prefix KV cache")
+    s.add_argument("--logits_eos_inf", action="store_true", default=None,
+                   help="diffusion, LLaDA: never generate EOS (or SFT padding); answers end at <|im_end|>")
+    s.add_argument("--confidence_eos_eot_inf", action="store_true", default=None,
+                   help="diffusion, LLaDA: commit EOS and <|im_end|> after every other position of a block "
+                        "(default with low_confidence remasking)")
+    s.add_argument("--no_confidence_eos_eot_inf", dest="confidence_eos_eot_inf", action="store_false", default=None,
+                   help="diffusion: commit end tokens by their confidence like any other token")
     s.add_argument("--top_p", type=float, help="AR: nucleus sampling (default 1)")
     s.add_argument("--compiled", action="store_true",
                    help="torch.compile + CUDA graphs: the same tokens, faster on GPUs after a compile per shape "

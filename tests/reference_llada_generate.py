@@ -3,7 +3,10 @@
 Written from the algorithm's description (one sequence position and one row at a time where that is
 clearer), with no code shared with `dlmstudy.sampling`. Like the original it draws its noise from the
 global RNG over the whole sequence (none at temperature 0, where sampling is an argmax) and knows
-nothing of padding, caches or parallel decoding.
+nothing of padding, caches or parallel decoding. Its EOS options are the reference's at temperature 0
+(LLaDA's Appendix B.4): `logits_eos_inf` sets the EOS logit to -inf before the prediction;
+`confidence_eos_eot_inf` sets the EOS and end-of-turn logits to -inf after it, before the softmax that
+gives the confidence.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ def schedule(masked_count: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def reference_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id):
+def reference_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id,
+                       eos_id=None, eot_id=None, logits_eos_inf=False, confidence_eos_eot_inf=False):
     """LLaDA's `generate` for a batch of equal-length prompts, returning prompt + generated tokens."""
     assert gen_length % block_length == 0
     num_blocks = gen_length // block_length
@@ -46,12 +50,17 @@ def reference_generate(model, prompt, steps, gen_length, block_length, temperatu
                 logits = model(x).logits
 
             logits64 = logits.to(torch.float64)
+            if logits_eos_inf:
+                logits64[:, :, eos_id] = -float("inf")
             if temperature > 0:
                 uniform = torch.rand_like(logits64)
                 prediction = (logits64.exp() / (-torch.log(uniform)) ** temperature).argmax(dim=-1)
             else:
                 prediction = logits64.argmax(dim=-1)
 
+            if confidence_eos_eot_inf:
+                logits64[:, :, eos_id] = -float("inf")
+                logits64[:, :, eot_id] = -float("inf")
             if remasking == "low_confidence":
                 probs = torch.softmax(logits64, dim=-1)
                 score = probs.gather(-1, prediction[..., None])[..., 0]

@@ -4,6 +4,7 @@ the end token, the step-by-step view, and two CLI runs (each CLI start costs sec
 from __future__ import annotations
 
 import os
+import types
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,13 @@ def test_options_follow_the_arm():
     diffusion, ar = get_arm("llada-mdm"), get_arm("qwen-ar")
     kwargs = DecodeOptions(max_length=16).sampler_kwargs(diffusion)
     assert (kwargs["gen_length"], kwargs["steps"], kwargs["block_length"]) == (16, 16, 16)
+    assert kwargs["confidence_eos_eot_inf"] is True and kwargs["logits_eos_inf"] is False  # end tokens last
+    assert DecodeOptions(remasking="random").sampler_kwargs(diffusion)["confidence_eos_eot_inf"] is False
+    assert DecodeOptions(confidence_eos_eot_inf=False, logits_eos_inf=True).sampler_kwargs(diffusion) | {} == {
+        **kwargs, "gen_length": 128, "steps": 128, "block_length": 32, "confidence_eos_eot_inf": False,
+        "logits_eos_inf": True}
+    with pytest.raises(UserError, match="--logits_eos_inf is an option of diffusion decoding"):
+        DecodeOptions(logits_eos_inf=True).sampler_kwargs(ar)
     assert DecodeOptions(max_length=64, steps=8).sampler_kwargs(diffusion)["block_length"] == 32
     assert DecodeOptions(max_length=9, top_p=None).sampler_kwargs(ar) == {
         "max_new_tokens": 9, "temperature": 0.0, "top_p": 1.0, "compiled": False}
@@ -167,3 +175,37 @@ def test_cli_chat_through_a_pipe(folders):
               stdin="Where was Alice born?\nAnd Bob?\nexit\nnot read\n")
     assert run.returncode == 0, run.stderr
     assert sum(line.startswith("assistant> ") for line in run.stdout.splitlines()) == 2
+
+
+class EOSOverflow(torch.nn.Module):
+    """A diffusion 'model' with LLaDA's EOS overflow: the first two answer positions predict "A" (EOS second), every
+    later one EOS, and a position right before a committed EOS predicts EOS too, confidently."""
+
+    def __init__(self, model, start: int, eos: int, token: int):
+        super().__init__()
+        self.model, self.config, self.start, self.eos, self.token = model, model.config, start, eos, token
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, input_ids, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        logits[..., self.token] = 5.0
+        logits[:, self.start:, self.eos] = 4.0
+        logits[:, self.start + 2:, self.eos] = 10.0
+        before_eos = torch.zeros_like(input_ids, dtype=torch.bool)
+        before_eos[:, :-1] = input_ids[:, 1:] == self.eos
+        logits[..., self.eos] = logits[..., self.eos].masked_fill(before_eos, 10.0)
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_an_sft_style_eos_overflow_answers_by_default_and_empty_without_the_option(folders):
+    base = bot(folders, "llada-mdm", max_length=8)
+    tok, messages = base.tokenizer, [{"role": "user", "content": "Where was Alice born?"}]
+    start = len(base.prompt_ids(messages))
+    model = EOSOverflow(base.model, start, tok.eos_token_id, tok.convert_tokens_to_ids("A"))
+    answered = Chatbot(model, tok, base.arm, DecodeOptions(max_length=8, steps=8, block_length=8)).reply(messages)
+    assert answered.text == "AA"
+    plain = DecodeOptions(max_length=8, steps=8, block_length=8, confidence_eos_eot_inf=False)
+    assert Chatbot(model, tok, base.arm, plain).reply(messages).text == ""  # EOS from the back fills the canvas

@@ -24,7 +24,8 @@ from dlmstudy.data.packing import (
     tokenize_stream,
     write_stream,
 )
-from dlmstudy.data.sft import IGNORE, SFTCollator, SFTDataset, alpaca_messages, load_sft_dataset, tokenize_messages
+from dlmstudy.data.sft import (IGNORE, SFTCollator, SFTDataset, alpaca_messages, load_sft_dataset, padding_tokens,
+                               tokenize_messages)
 from dlmstudy.data.sources import iter_rows, parse_source, read_texts, source_splits
 from dlmstudy.data.tokenizer import bounded_sample, get_tokenizer, special_tokens, train_bpe
 from dlmstudy.errors import UserError
@@ -243,6 +244,34 @@ def test_collator_pads_with_eos_and_gives_each_arm_its_targets():
     assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]]  # padding EOS trained on (MDM)
     assert b["labels"].tolist() == [[IGNORE] * 3 + [1, 2, eos], [IGNORE, IGNORE, 3, eos, IGNORE, IGNORE]]
     assert b["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]] and b["index"].tolist() == [4, 5]
+
+
+def test_collator_pads_with_each_schemes_tail_after_the_rows_eos():
+    eos, pads = 9, [20, 21, 22]
+    feats = [{"input_ids": [5, 6, 7, 1, 2, eos], "prompt_len": 3, "index": 4},
+             {"input_ids": [5, 3, eos], "prompt_len": 1, "index": 5}]
+    b = SFTCollator(eos, tail_ids=pads)(feats)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2, eos], [5, 3, eos, 20, 21, 22]]
+    assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]]  # the tail is trained on (MDM)
+    assert b["labels"].tolist() == [[IGNORE] * 3 + [1, 2, eos], [IGNORE, 3, eos] + [IGNORE] * 3]  # AR: never
+    assert "always_masked" not in b
+    cycled = SFTCollator(eos, tail_ids=[20, 21], always_masked=True)(feats[1:] + [{**feats[0], "input_ids": [1] * 8}])
+    assert cycled["input_ids"][0].tolist() == [5, 3, eos, 20, 21, 20, 21, 20]
+    assert cycled["always_masked"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+
+
+@pytest.mark.parametrize("padding,names", [("eos", None), ("pad", ["<|pad|>"]), ("masked_pad", ["<|pad|>"]),
+                                           ("rainbow", [f"<|pad_{k}|>" for k in range(3)])])
+def test_padding_tokens_are_added_to_a_copy_of_the_tokenizer(padding, names):
+    tok = get_tokenizer("bpe", texts=["Ada was born in Oslo. She studied maths."] * 50, vocab_size=300)
+    before = len(tok)
+    out, ids = padding_tokens(tok, padding, pad_tokens=3)
+    if names is None:
+        assert out is tok and ids == [tok.eos_token_id]
+        return
+    assert ids == out.convert_tokens_to_ids(names) and len(set(ids)) == len(names)
+    assert len(tok) == before and all(n not in tok.get_vocab() or n == "<|pad|>" for n in names)
+    assert out.decode([5] + ids + [6], skip_special_tokens=True) == out.decode([5, 6], skip_special_tokens=True)
 
 
 def test_objectives_read_the_collated_sft_batch_as_intended():

@@ -183,23 +183,25 @@ def test_mdm_loss_fast_with_nothing_masked_is_zero():
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
-def batch(sft: bool = False, labels: bool = False):
+def batch(sft: bool = False, labels: bool = False, always_masked: bool = False):
     g = torch.Generator().manual_seed(1)
     out = {"input_ids": torch.randint(3, V, (4, 16), generator=g), "index": torch.arange(10, 14)}
     if sft:
         out["loss_mask"] = torch.arange(16)[None, :].expand(4, 16) >= torch.tensor([[3], [5], [8], [12]])
+    if always_masked:
+        out["always_masked"] = torch.arange(16)[None, :].expand(4, 16) >= torch.tensor([[14], [9], [16], [13]])
     if labels:
         out["labels"] = out["input_ids"].masked_fill(torch.rand(4, 16, generator=g) < 0.3, IGNORE)
     return out
 
 
 @pytest.mark.parametrize("case", [dict(), dict(random_length_ratio=1.0), dict(sft=True),
-                                  dict(sft=True, sft_norm="token")])
+                                  dict(sft=True, sft_norm="token"), dict(sft=True, always_masked=True)])
 def test_fast_mdm_objective_equals_mdm_objective(case):
     torch.manual_seed(0)
     model = tiny()
-    settings = {k: v for k, v in case.items() if k != "sft"}
-    b = batch(sft=case.get("sft", False))
+    settings = {k: v for k, v in case.items() if k not in ("sft", "always_masked")}
+    b = batch(sft=case.get("sft", False), always_masked=case.get("always_masked", False))
     plain_obj = MDMObjective(mask_id=MASK, seed=3, **settings)
     fast_obj = FastMDMObjective(mask_id=MASK, seed=3, chunk=7, **settings)
     plain = loss_and_grads(model, lambda: plain_obj(model, b)[0])

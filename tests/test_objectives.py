@@ -209,6 +209,21 @@ def test_mdm_sft_masks_and_scores_only_the_answer(norm, expected):
     assert loss.item() == pytest.approx(expected, rel=2e-3)
 
 
+@pytest.mark.parametrize("norm", ["sequence", "token"])
+def test_always_masked_padding_is_masked_in_every_draw_and_weighted_one(monkeypatch, norm):
+    """masked_pad: the padding is masked whatever the draw (here t = eps, so nothing else is) and counts with 1/p = 1."""
+    batch = sft_batch()
+    batch["always_masked"] = torch.tensor([[0] * 8, [0, 0, 0, 0, 0, 0, 1, 1]])  # row 1: two padding positions
+    monkeypatch.setattr(objectives, "sequence_noise", lambda b, seed: (torch.zeros(2), torch.full((2, 8), 0.5)))
+    q = torch.tensor([[0.5] * 8, [0.125] * 8])  # CE 3 ln 2 at row 1's padding
+    model = FixedLogits(logits_for(batch["input_ids"], q))
+    loss, _ = MDMObjective(mask_id=MASK, eps=0.01, sft_norm=norm)(model, batch)
+    noisy = model.inputs[-1]
+    assert (noisy == MASK).tolist() == batch["always_masked"].bool().tolist()
+    expected = (2 * 3 * LN2 / 3) / 2 if norm == "sequence" else 2 * 3 * LN2 / 9  # answer lengths 6 and 3
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_mdm_sft_prompt_never_masked_at_any_noise_level():
     batch = sft_batch()
     model = FixedLogits(torch.zeros(2, 8, V))

@@ -12,7 +12,9 @@ from dlmstudy.analysis.paired import paired_comparison, reference_setting
 from dlmstudy.data import biographies as bio
 from dlmstudy.data.tokenizer import train_bpe
 from dlmstudy.evaluation import qa
-from dlmstudy.evaluation.qa import DecodeSettings, answer_questions, cut_at_eos, extract_answer, token_f1
+from dlmstudy.data.sft import padding_tokens
+from dlmstudy.evaluation.qa import DecodeSettings, answer_questions, extract_answer, token_f1
+from dlmstudy.sampling.end_tokens import cut_at_stop, end_tokens
 
 
 def test_token_f1_counts_shared_words_after_normalising():
@@ -23,10 +25,34 @@ def test_token_f1_counts_shared_words_after_normalising():
     assert token_f1("", "") == 1.0 and token_f1("", "cat") == 0.0
 
 
-def test_exact_match_uses_the_first_line_up_to_eos():
+def test_exact_match_uses_the_first_line_up_to_the_first_end_token():
     assert extract_answer("  Paris \nmore text") == "Paris"
-    assert cut_at_eos([5, 6, 1, 7], eos_id=1) == [5, 6]
-    assert cut_at_eos([5, 6], eos_id=1) == [5, 6]
+    assert cut_at_stop([5, 6, 1, 7, 2], {1, 2}) == [5, 6]
+    assert cut_at_stop([5, 6], {1}) == [5, 6]
+
+
+def test_answers_end_at_any_end_token_and_the_eos_options_reach_the_sampler(monkeypatch):
+    """After SFT an answer ends at EOS, <|im_end|> or a padding token; the diffusion sampler gets all of them."""
+    items = [q for p in bio.generate_people(2, seed=0) for q in bio.qa_items(p)][:3]
+    tokenizer, pads = padding_tokens(train_bpe([qa.qa_prompt(q) for q in items] * 4, vocab_size=300), "rainbow", 2)
+    ends = end_tokens(tokenizer)
+    paris = tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    tails = [[ends.eot, *paris], [pads[1], *paris], [tokenizer.eos_token_id, *paris]]
+    seen = {}
+
+    def fake_sample(model, prompt, **options):
+        seen.update(options)
+        return torch.cat([prompt, torch.tensor([paris + t for t in tails][: prompt.shape[0]])], dim=1)
+
+    monkeypatch.setattr(qa, "sample", fake_sample)
+    model = types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]),
+                                  config=types.SimpleNamespace(mask_token_id=tokenizer.mask_token_id))
+    settings = DecodeSettings(steps=4, gen_length=4, block_length=4, batch_size=3, confidence_eos_eot_inf=True)
+    rows = answer_questions(model, tokenizer, items, sampler="diffusion", settings=settings)
+    assert [r["text"] for r in rows] == ["Paris"] * 3 and [r["answer_tokens"] for r in rows] == [len(paris)] * 3
+    assert set(seen["eos_id"]) == {tokenizer.eos_token_id, tokenizer.pad_token_id, *pads}
+    assert seen["eot_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") and seen["confidence_eos_eot_inf"]
+    assert not seen["logits_eos_inf"] and not any(r["empty"] for r in rows)
 
 
 def test_paired_comparison_counts_identical_answers_and_the_paired_error_of_the_difference():

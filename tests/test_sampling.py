@@ -200,7 +200,9 @@ def test_num_transfer_tokens_splits_evenly_remainder_first():
         (dict(remasking="entropy"), "unknown remasking"),
         (dict(threshold=0.9, remasking="random"), "threshold"),
         (dict(min_new_tokens=2), "need eos_id"),
-        (dict(defer_eos=True), "need eos_id"),
+        (dict(logits_eos_inf=True), "need eos_id"),
+        (dict(confidence_eos_eot_inf=True, eos_id=[]), "need eos_id"),
+        (dict(confidence_eos_eot_inf=True, eos_id=EOS, remasking="random"), "low_confidence"),
         (dict(temperature=-1.0), "temperature"),
     ],
 )
@@ -244,17 +246,51 @@ def test_min_new_tokens_keeps_eos_out_of_the_first_positions():
     assert held[0, 2:5].tolist() == [3, 3, 3] and (held[0, 5:] == EOS).all()
 
 
-def test_defer_eos_commits_eos_positions_last():
+def test_confidence_eos_eot_inf_commits_end_tokens_last():
+    """Positions predicting EOS, a second EOS-like id or the end-of-turn token are committed after all others."""
     table = eos_table(10)
     table[2:6, EOS] = -5.0  # the first four generated positions predict token 3, less confidently than EOS
-    prompt = torch.full((1, 2), 5)
+    table[7, 5] = 30.0  # one position predicts the end-of-turn token 5, another the EOS-like (pad) token 6
+    table[8, 6] = 30.0
+    prompt = torch.full((1, 2), 4)
     options = dict(steps=8, gen_length=8, block_length=8, mask_id=MASK, return_history=True)
     out, plain = generate(FixedLogits(table), prompt, **options)
-    _, deferred = generate(FixedLogits(table), prompt, eos_id=EOS, defer_eos=True, **options)
-    is_eos = out[0, 2:] == EOS
-    assert is_eos.sum() == 4
-    assert plain[0, is_eos].max() < plain[0, ~is_eos].min()  # confident EOS first without the option
-    assert deferred[0, is_eos].min() > deferred[0, ~is_eos].max()
+    deferred_out, deferred = generate(FixedLogits(table), prompt, eos_id=[EOS, 6], eot_id=5, confidence_eos_eot_inf=True,
+                                      **options)
+    assert torch.equal(deferred_out, out)  # the same tokens, committed in another order
+    ends = torch.isin(out[0, 2:], torch.tensor([EOS, 5, 6]))
+    assert ends.sum() == 4 and out[0, 7] == 5 and out[0, 8] == 6
+    assert plain[0, ends].max() < plain[0, ~ends].min()  # confident end tokens first without the option
+    assert deferred[0, ends].min() > deferred[0, ~ends].max()
+
+
+def test_logits_eos_inf_never_generates_eos_but_keeps_end_of_turn():
+    table = eos_table(10)
+    table[9, 5] = 40.0  # the last position predicts the end-of-turn token above EOS
+    prompt = torch.full((1, 2), 4)
+    out = generate(FixedLogits(table), prompt, steps=8, gen_length=8, block_length=8, mask_id=MASK, eos_id=EOS,
+                   eot_id=5, logits_eos_inf=True)
+    assert out[0, 2:].tolist() == [3] * 7 + [5]
+
+
+@pytest.mark.parametrize("steps,gen_length,block_length", [(8, 8, 8), (8, 8, 1), (6, 12, 4)])
+@pytest.mark.parametrize("logits_eos_inf,confidence_eos_eot_inf", [(True, False), (False, True), (True, True)])
+def test_eos_options_equal_the_reference(mdm, steps, gen_length, block_length, logits_eos_inf, confidence_eos_eot_inf):
+    """EOS and end of turn are the tokens rows 0 and 1 commit first without the options, so both options change
+    what is committed or when (except the order within blocks of one position)."""
+    _, prompt, _ = prompts([5, 5, 5])
+    model = NeverPredictsMask(mdm)
+    options = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=0.0, cfg_scale=0.0,
+                   remasking="low_confidence", mask_id=MASK)
+    plain, plain_steps = generate(model, prompt, return_history=True, **options)
+    eos, eot = (int(plain[row, 5:][plain_steps[row] == 0][0]) for row in (0, 1))
+    ends = dict(eos_id=eos, eot_id=eot, logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf)
+    got, got_steps = generate(model, prompt, return_history=True, **options, **ends)
+    assert torch.equal(got, reference_generate(model, prompt, **options, **ends))
+    same = torch.equal(got, plain) and torch.equal(got_steps, plain_steps)
+    assert same == (not logits_eos_inf and block_length == 1)
+    if logits_eos_inf:
+        assert not (got[:, 5:] == eos).any()
 
 
 # --- Fast-dLLM parallel decoding ---------------------------------------------------------------------

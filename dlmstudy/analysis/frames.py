@@ -12,6 +12,8 @@ What is read, every file optional except a finished run's result.json:
     runs/<study>/<run>/eval/**/*.json             lm_eval results (files with a "results" mapping)
     runs/<study>/<run>/eval/sampler_grid.csv      sampler grid: steps, block_length, [threshold, compiled, batch_size,]
                                                   accuracy, tokens_per_s, [same_answers, accuracy_diff_se]
+    runs/<study>/<sft run>/eval/qa_samples.jsonl  an SFT run's answers to the held-out probes after its last epoch
+    runs/<study>/<sft run>/eval/decode_grid.csv   an SFT run's answers per decoding setting (answer_f1, empty_answers)
     runs/<study>/<run>/sft/<name>/                SFT of that run's checkpoint (see `read_sft`)
     runs/<study>/sft/<name>/                      SFT of a model not pretrained in this study
     runs/<study>/bench*.json, runs/<study>/bench/*.json   `dlmstudy bench --json` records
@@ -60,7 +62,9 @@ class StudyFrames:
     `status`; scalars: logged scalars per run and
     step (`source`: mirror or swanlab); swanlab: the decoded SwanLab logs (run_id, step, key, value); qa: probe
     answers; lm_eval: one row per run, task and metric; sampler_grid: one row per run and sampler setting;
-    sft / sft_scalars: SFT results per epoch and SFT training curves; bench: throughput records;
+    sft / sft_scalars: SFT results per epoch and SFT training curves; sft_runs: one row per finished SFT run
+    (result.json, its variant as `variant`); sft_answers: their probe answers (run_id, arm, sft_epochs, variant,
+    question, expected, answer); decode_grid: SFT runs' decode grids; bench: throughput records;
     sources: per run, what was found; notes: files that could not be read."""
 
     name: str
@@ -76,6 +80,9 @@ class StudyFrames:
     sampler_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
     sft: pd.DataFrame = field(default_factory=pd.DataFrame)
     sft_scalars: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sft_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sft_answers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decode_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
     bench: pd.DataFrame = field(default_factory=pd.DataFrame)
     sources: pd.DataFrame = field(default_factory=pd.DataFrame)
     diverged: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -270,7 +277,22 @@ def _read_sft_run(run_dir: Path, result: dict, notes: list[str]) -> dict[str, li
     tag = {"run_id": result["run_id"], "arm": result["arm"], "sft": f"{k} epoch{'s' if k > 1 else ''}",
            "parent": result.get("parent")}
     evals = [{**tag, **row} for row in curve if "val_loss" in row]
-    return {"sft": evals, "sft_scalars": [{**tag, **row} for row in curve]}
+    variant = ", ".join(f"{key} {value}" for key, value in (result.get("variant") or {}).items())
+    own = {"run_id": result["run_id"], "arm": result["arm"], "sft_epochs": k, "variant": variant}
+    samples = run_dir / "eval" / "qa_samples.jsonl"
+    answers = [{**own, "question": row.get("question"), "expected": row.get("expected"),
+                "answer": row.get("text", row.get("answer"))}
+               for row in (_read_jsonl(samples, notes) if samples.exists() else [])]
+    grid = []
+    if (run_dir / "eval" / "decode_grid.csv").exists():
+        try:
+            grid = [pd.read_csv(run_dir / "eval" / "decode_grid.csv").assign(**own)]
+        except (OSError, ValueError) as err:
+            notes.append(f"`{run_dir / 'eval' / 'decode_grid.csv'}` skipped: {err}")
+    flat = {key: value for key, value in result.items() if not isinstance(value, dict)}
+    decoding = {f"decoding_{k}": v for k, v in (result.get("decoding") or {}).items()}
+    return {"sft": evals, "sft_scalars": [{**tag, **row} for row in curve], "sft_answers": answers,
+            "decode_grid": grid, "sft_runs": [{**flat, "variant": variant, **decoding}]}
 
 
 def _frame(parts: list) -> pd.DataFrame:

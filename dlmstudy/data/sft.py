@@ -2,13 +2,14 @@
 tokenizer's chat template -> input_ids, labels (prompt = -100), prompt_len; saved with `save_to_disk`.
 
 A row's ids are the prompt (the template up to the assistant's turn, tokenized alone, exactly what a
-model is given at inference) followed by the answer and one EOS. The collator pads a batch with EOS:
-the diffusion arm trains on the padding EOS (LLaDA's SFT), the AR arm scores the answer up to its
-first EOS only.
+model is given at inference) followed by the answer and one EOS. The collator pads a batch to its longest
+row with the padding scheme's tail (sft_padding.py; LLaDA's: EOS): the diffusion arm trains on the padding,
+the AR arm scores the answer up to its first EOS only.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dlmstudy.data.corpus import holdout_split
+from dlmstudy.data.sft_padding import PADDINGS, tail
 from dlmstudy.data.sources import iter_rows, parse_source, source_fingerprint, source_kind, source_splits
 from dlmstudy.data.tokenizer import tokenizer_fingerprint
 from dlmstudy.errors import UserError
@@ -160,26 +162,47 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": row["input_ids"], "prompt_len": row["prompt_len"], "index": i}
 
 
+def padding_tokens(tokenizer: PreTrainedTokenizerBase, padding: str, pad_tokens: int = 7
+                   ) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The tokenizer with the padding scheme's tail tokens (a copy with them added as special tokens where it lacks
+    them; the tokenizer itself otherwise) and the tail's ids in cycle order ([EOS] for LLaDA's padding)."""
+    names = PADDINGS[padding].tail_tokens(pad_tokens)
+    if not names:
+        return tokenizer, [tokenizer.eos_token_id]
+    missing = [n for n in names if n not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return tokenizer, tokenizer.convert_tokens_to_ids(names)
+
+
 @dataclass
 class SFTCollator:
-    """Pad a batch to its longest row with EOS (LLaDA pads with EOS and trains on it).
+    """Pad a batch to its longest row: after each row's EOS, `tail_ids` in a cycle (default: EOS, as LLaDA pads).
 
     loss_mask (MDM): 1 from prompt_len to the end, padding included; labels (AR): the answer and its
-    first EOS, -100 for the prompt and the padding; attention_mask: 1 on each row's own tokens.
+    first EOS, -100 for the prompt and the padding; attention_mask: 1 on each row's own tokens. With
+    `always_masked` (the `masked_pad` scheme) the batch also holds `always_masked`: 1 on the padding, which the
+    diffusion objective masks in every draw.
     """
 
     eos_token_id: int
+    tail_ids: list[int] | None = None
+    always_masked: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
         prompt_len = torch.tensor([int(f["prompt_len"]) for f in features])
         b, l = len(features), int(lengths.max())
-        input_ids = torch.full((b, l), self.eos_token_id, dtype=torch.long)
-        for i, f in enumerate(features):
-            input_ids[i, :lengths[i]] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        tail_ids = self.tail_ids or [self.eos_token_id]
+        input_ids = torch.tensor([list(f["input_ids"]) + tail(tail_ids, l - len(f["input_ids"])) for f in features],
+                                 dtype=torch.long).reshape(b, l)
         pos = torch.arange(l)[None, :]
         own = pos < lengths[:, None]
         answer = pos >= prompt_len[:, None]
-        return {"input_ids": input_ids, "loss_mask": answer.long(), "labels": input_ids.masked_fill(~(answer & own), IGNORE),
-                "attention_mask": own.long(), "prompt_len": prompt_len,
-                "index": torch.tensor([int(f["index"]) for f in features])}
+        batch = {"input_ids": input_ids, "loss_mask": answer.long(),
+                 "labels": input_ids.masked_fill(~(answer & own), IGNORE), "attention_mask": own.long(),
+                 "prompt_len": prompt_len, "index": torch.tensor([int(f["index"]) for f in features])}
+        if self.always_masked:
+            batch["always_masked"] = (~own).long()
+        return batch

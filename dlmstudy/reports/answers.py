@@ -3,32 +3,9 @@ numbers mean (an SFT'd model that answers only EOS shows as empty answers, not j
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 
 EMPTY = "(empty answer)"
-
-
-def sft_answers(folder: Path, planned: pd.DataFrame) -> pd.DataFrame:
-    """The study's SFT runs' answers to the held-out probes (`<sft run>/eval/qa_samples.jsonl`): run_id, arm,
-    sft_epochs, question, expected, answer; empty when no SFT run saved them."""
-    rows = []
-    sft = planned[planned["stage"] == "sft"] if "stage" in planned else planned.iloc[0:0]
-    for run in sft.itertuples():
-        samples = folder / run.run_id / "eval" / "qa_samples.jsonl"
-        if not samples.is_file():
-            continue
-        for line in samples.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            rows.append({"run_id": run.run_id, "arm": run.arm, "sft_epochs": getattr(run, "sft_epochs", 1),
-                         "question": row.get("question"), "expected": row.get("expected"),
-                         "answer": row.get("text", row.get("answer"))})
-    return pd.DataFrame(rows)
 
 
 def side_by_side(answers: pd.DataFrame, run_order: list[str], questions: int = 5) -> pd.DataFrame:

@@ -9,9 +9,15 @@ import pandas as pd
 
 from dlmstudy.analysis import sft_figures
 from dlmstudy.analysis.frames import StudyFrames
-from dlmstudy.reports.answers import sft_answers, side_by_side
+from dlmstudy.reports.answers import side_by_side
 from dlmstudy.reports.page import Report, md_table
 
+DIAGNOSTIC_COLUMNS = {"run_id": "SFT run", "arm": "arm", "sft_epochs": "epochs", "variant": "variant",
+                      "padding": "padding", "loss_norm": "loss norm", "seed": "seed", "answer_f1": "answer F1",
+                      "empty_answers": "empty answers", "answer_tokens": "answer tokens", "content_nll": "content NLL",
+                      "first_token_rank": "first-token rank", "p_end_offset0": "P(end) at offset 0",
+                      "p_end_first16": "P(end), first 16"}
+DECODE_KEYS = ["arm", "variant", "gen_length", "block_length", "end_tokens"]
 LAST_COLUMNS = {"arm": "arm", "sft": "SFT run", "parent": "from", "epoch": "after epoch",
                 "answer_nll": "answer NLL", "answer_f1": "answer F1", "accuracy": "exact match",
                 "val_loss": "own SFT loss"}
@@ -30,7 +36,7 @@ def last_evaluations(results: pd.DataFrame) -> pd.DataFrame:
 
 def sft_section(report: Report, frames: StudyFrames, folder: Path) -> None:
     """## Supervised fine-tuning, when the study has SFT results."""
-    answers = sft_answers(folder, frames.planned)
+    answers = frames.sft_answers
     if not (len(frames.sft) or len(frames.sft_scalars) or len(answers)):
         return
     report.add("## Supervised fine-tuning",
@@ -53,6 +59,10 @@ def sft_section(report: Report, frames: StudyFrames, folder: Path) -> None:
         shown = last[[c for c in LAST_COLUMNS if c in last]].rename(columns=LAST_COLUMNS)
         report.table(frames.sft, "sft", shown, missing={"answer NLL": "not recorded by this run",
                                                         "from": "a model from elsewhere"})
+    if len(frames.sft_runs):
+        _diagnostics(report, frames.sft_runs)
+    if len(frames.decode_grid):
+        _decode_grid(report, frames.decode_grid)
     if len(frames.sft_scalars):
         frames.sft_scalars.to_csv(report.out / "tables" / "sft_scalars.csv", index=False)
     report.add("### Held-out questions, both arms' answers")
@@ -67,3 +77,29 @@ def sft_section(report: Report, frames: StudyFrames, folder: Path) -> None:
                    "in `tables/sft_answers.csv`):", "")
         report.add(md_table(side_by_side(group, planned), missing="not asked"))
 
+
+
+def _diagnostics(report: Report, runs: pd.DataFrame) -> None:
+    """Each SFT run's answers and the teacher-forced diagnostics that tell the causes of empty answers apart."""
+    report.add("### Why answers are empty or not: diagnostics per SFT run",
+               "`empty answers`: share of probes answered with nothing. On the held-out rows (docs/training.md, "
+               "\"EOS after SFT\"): `content NLL` is the answer's NLL before its end tokens (diffusion: the ELBO upper "
+               "bound, given the answer's length), `first-token rank` the median rank of the reference first answer "
+               "token (1: the model's top choice; diffusion: on an all-mask canvas of 64), `P(end)` the probability "
+               "of an end token at the first answer position and over the first 16.")
+    shown = runs[[c for c in DIAGNOSTIC_COLUMNS if c in runs]].rename(columns=DIAGNOSTIC_COLUMNS)
+    report.table(runs, "sft_runs", shown, missing={"variant": "the spec's", "padding": "does not apply",
+                                                  "loss norm": "does not apply"})
+
+
+def _decode_grid(report: Report, grid: pd.DataFrame) -> None:
+    """Each decoding setting's answers after SFT, averaged over the runs of an arm and variant."""
+    values = [c for c in ("answer_f1", "empty_answers", "answer_tokens", "accuracy") if c in grid]
+    keys = [c for c in DECODE_KEYS if c in grid]
+    summary = grid.groupby(keys, dropna=False)[values].agg(["mean", "count"])
+    summary.columns = [f"{v}_{stat}" if stat == "mean" else "runs" for v, stat in summary.columns]
+    summary = summary.loc[:, ~summary.columns.duplicated()].reset_index()
+    report.add("### Decoding after SFT",
+               "Each SFT run's probes decoded once per setting; means over the runs of an arm and variant (AR arms: "
+               "block length 1). `end_tokens`: LLaDA's end-token options (docs/sampling.md).")
+    report.table(grid, "decode_grid", summary, missing={"variant": "the spec's"})

@@ -2,8 +2,9 @@
 
 The logic runs without a terminal: a `Chatbot` turns chat messages into prompt ids (the tokenizer's
 chat template; the oldest turns are dropped when the model's context is full), decodes them through
-`sample` with the arm's sampler, and cuts the answer at the first end token (EOS, `<|im_end|>`, any
-special token). `run_chat` is the read-and-answer loop over any iterable of lines, and `step_lines`
+`sample` with the arm's sampler, and cuts the answer at the first end token (EOS, `<|im_end|>`, SFT padding
+tokens, any special token). The diffusion sampler commits end tokens last by default
+(`confidence_eos_eot_inf`), so an SFT'd LLaDA answers instead of filling its canvas with EOS. `run_chat` is the read-and-answer loop over any iterable of lines, and `step_lines`
 shows the order in which an answer was unmasked (diffusion) or written (AR), one line per step.
 """
 
@@ -23,12 +24,13 @@ from dlmstudy.errors import UserError
 from dlmstudy.models.checkpoints import folder_arm, load_pretrained
 from dlmstudy.models.registry import Arm
 from dlmstudy.runners.device import resolve_device, supports_bf16, synchronize
+from dlmstudy.sampling.end_tokens import end_tokens, stop_ids
 from dlmstudy.sampling.registry import sample
 
 DEFAULT_BLOCK_LENGTH = 32
-DIFFUSION_ONLY = ("steps", "block_length", "cfg", "remasking", "threshold", "use_cache")
+DIFFUSION_ONLY = ("steps", "block_length", "cfg", "remasking", "threshold", "use_cache", "logits_eos_inf",
+                  "confidence_eos_eot_inf")
 AR_ONLY = ("top_p",)
-END_OF_TURN = "<|im_end|>"
 MASK_TEXT, END_TEXT = "[M]", "[E]"
 EXIT_WORDS = ("exit", "quit")
 CLEAR = "/clear"
@@ -41,8 +43,9 @@ class DecodeOptions:
 
     max_length is the number of tokens to generate (gen_length of the diffusion sampler,
     max_new_tokens of AR decoding). Diffusion defaults: steps = max_length, block_length =
-    min(32, max_length), cfg 0, low_confidence remasking, no threshold, no cache; AR: top_p 1; both
-    eager (compiled False).
+    min(32, max_length), cfg 0, low_confidence remasking, no threshold, no cache, EOS allowed
+    (logits_eos_inf False), end tokens committed last (confidence_eos_eot_inf True; False under random
+    remasking, which has no confidence); AR: top_p 1; both eager (compiled False).
     """
 
     max_length: int = 128
@@ -53,6 +56,8 @@ class DecodeOptions:
     remasking: str | None = None
     threshold: float | None = None
     use_cache: bool | None = None
+    logits_eos_inf: bool | None = None
+    confidence_eos_eot_inf: bool | None = None
     top_p: float | None = None
     compiled: bool = False
 
@@ -78,11 +83,14 @@ class DecodeOptions:
         def given_or(value, default):
             return default if value is None else value
 
+        remasking = given_or(self.remasking, "low_confidence")
         return {"gen_length": self.max_length, "steps": given_or(self.steps, self.max_length),
                 "block_length": given_or(self.block_length, min(DEFAULT_BLOCK_LENGTH, self.max_length)),
                 "temperature": self.temperature, "cfg_scale": given_or(self.cfg, 0.0),
-                "remasking": given_or(self.remasking, "low_confidence"), "threshold": self.threshold,
-                "use_cache": bool(self.use_cache), "compiled": self.compiled}
+                "remasking": remasking, "threshold": self.threshold,
+                "use_cache": bool(self.use_cache), "compiled": self.compiled,
+                "logits_eos_inf": bool(self.logits_eos_inf),
+                "confidence_eos_eot_inf": given_or(self.confidence_eos_eot_inf, remasking == "low_confidence")}
 
 
 @dataclass
@@ -113,13 +121,6 @@ def model_folder(path: str | Path) -> Path:
     return path
 
 
-def stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids that end an answer: every special token (EOS, pad, end of turn, ...) and `<|im_end|>` if in the vocab."""
-    ids = set(tokenizer.all_special_ids)
-    end_of_turn = tokenizer.get_vocab().get(END_OF_TURN)
-    return ids if end_of_turn is None else ids | {end_of_turn}
-
-
 def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: set[int]) -> str:
     """The generated text up to (without) the first stop token."""
     cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
@@ -141,11 +142,13 @@ class Chatbot:
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.stops = stop_ids(tokenizer)
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        ends = end_tokens(tokenizer)
         if arm.sampler == "diffusion":
             mask_id = getattr(model.config, "mask_token_id", None)
-            self.kwargs.update(mask_id=tokenizer.mask_token_id if mask_id is None else mask_id, return_history=True)
+            self.kwargs.update(mask_id=tokenizer.mask_token_id if mask_id is None else mask_id, return_history=True,
+                               eos_id=list(ends.eos), eot_id=ends.eot)
         else:
-            end_of_turn = tokenizer.get_vocab().get(END_OF_TURN) if chat_template else None
+            end_of_turn = ends.eot if chat_template else None
             self.kwargs["eos_id"] = tokenizer.eos_token_id if end_of_turn is None else end_of_turn
 
     @classmethod

@@ -24,6 +24,19 @@ count split evenly over its steps, the remainder one each to the first steps). O
   steps (`use_cache`) stay eager: their shapes change every step. Outputs equal the eager sampler's
   up to floating-point ties.
 
+End tokens, with the reference's names (LLaDA's Appendix B.4; after SFT with EOS padding a model tends
+to fill the canvas with EOS, the padding it was trained on):
+- `logits_eos_inf`: the EOS logit is -inf before x0 is chosen, so EOS is never generated (an answer
+  then ends at its end-of-turn token `eot_id`).
+- `confidence_eos_eot_inf`: x0 is chosen as usual, but the confidence is the softmax with the EOS and
+  end-of-turn logits at -inf: a position predicting either has confidence 0, so it is committed only
+  after every position predicting anything else (threshold steps never take it above the floor), and the
+  other confidences are renormalised over the remaining tokens. The reference sets these logits in the
+  tensor it takes the softmax of only at temperature 0 (above it, only the end-of-turn token is
+  covered); here both are, at every temperature.
+`eos_id` may name several tokens: EOS and the pad tokens that follow it after SFT with distinct padding
+(`dlmstudy.sampling.end_tokens`); the options treat each of them as EOS.
+
 One deliberate difference from the reference: the mask token itself is never predicted (its logit is
 -inf), so the output holds no mask tokens and a threshold step always makes progress; the reference
 would "commit" a predicted mask and leave the position masked. Trained models give it ~0 probability.
@@ -38,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -155,24 +169,27 @@ class _Denoiser:
         return logits
 
 
-def _proposal(logits, gumbel_u, temperature, random_confidence, mask_id, eos_id, eos_banned, defer_eos):
+def _proposal(logits, gumbel_u, temperature, random_confidence, mask_id, eos_ids, eot_ids, eos_banned,
+              logits_eos_inf, confidence_eos_eot_inf):
     """x0 and its confidence for each position of the block: Gumbel-max in float64, as in the reference.
 
-    gumbel_u: the noise's uniforms (float64, the logits' shape), None at temperature 0."""
+    gumbel_u: the noise's uniforms (float64, the logits' shape), None at temperature 0. eos_ids, eot_ids: 1-D id
+    tensors (eot_ids may be empty); eos_banned: [B, block] positions where EOS may not be chosen, or None."""
     logits = logits.to(torch.float64)
     logits[:, :, mask_id] = float("-inf")
-    if eos_banned is not None:
-        logits[:, :, eos_id] = logits[:, :, eos_id].masked_fill(eos_banned, float("-inf"))
+    if logits_eos_inf:
+        logits[:, :, eos_ids] = float("-inf")
+    elif eos_banned is not None:
+        logits[:, :, eos_ids] = logits[:, :, eos_ids].masked_fill(eos_banned[..., None], float("-inf"))
     if gumbel_u is None:
         x0 = logits.argmax(dim=-1)
     else:
         x0 = (logits.exp() / (-torch.log(gumbel_u)) ** temperature).argmax(dim=-1)
-    if random_confidence is None:
-        confidence = F.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        confidence = random_confidence.to(torch.float64)
-    if defer_eos:
-        confidence = torch.where(x0 == eos_id, confidence - 2.0, confidence)
+    if random_confidence is not None:
+        return x0, random_confidence.to(torch.float64)
+    if confidence_eos_eot_inf:
+        logits[:, :, torch.cat([eos_ids, eot_ids])] = float("-inf")
+    confidence = F.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     return x0, confidence
 
 
@@ -181,14 +198,21 @@ def _compiled_proposal():
     return torch.compile(_proposal, dynamic=False)
 
 
-def _propose(logits, *, temperature, random_confidence, generator, mask_id, eos_id, eos_banned, defer_eos,
-             compiled=False):
+def _propose(logits, *, temperature, random_confidence, generator, mask_id, eos_ids, eot_ids, eos_banned,
+             logits_eos_inf, confidence_eos_eot_inf, compiled=False):
     """`_proposal` with its random draws made here (eager, from `generator`), compiled or not."""
     gumbel_u = None
     if temperature > 0:
         gumbel_u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
     proposal = _compiled_proposal() if compiled else _proposal
-    return proposal(logits, gumbel_u, temperature, random_confidence, mask_id, eos_id, eos_banned, defer_eos)
+    return proposal(logits, gumbel_u, temperature, random_confidence, mask_id, eos_ids, eot_ids, eos_banned,
+                    logits_eos_inf, confidence_eos_eot_inf)
+
+
+def token_ids(ids: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """One token id, several or none as a 1-D long tensor on `device`."""
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def check_prompt(prompt: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -205,8 +229,8 @@ def check_prompt(prompt: torch.Tensor, attention_mask: torch.Tensor | None) -> N
         raise SamplerArgumentError("prompts must be left-padded (attention_mask zeros before ones); got right padding")
 
 
-def _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, eos_id, min_new_tokens,
-           defer_eos) -> None:
+def _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, has_eos, min_new_tokens,
+           logits_eos_inf, confidence_eos_eot_inf) -> None:
     """Reject invalid options and combinations with one clear line each."""
     for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
         if value < 1:
@@ -225,8 +249,11 @@ def _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, t
         raise SamplerArgumentError("threshold (parallel decoding) needs remasking='low_confidence'")
     if threshold is not None and threshold < 0:
         raise SamplerArgumentError(f"threshold must be >= 0, got {threshold}")
-    if (min_new_tokens or defer_eos) and eos_id is None:
-        raise SamplerArgumentError("min_new_tokens and defer_eos need eos_id")
+    if (min_new_tokens or logits_eos_inf or confidence_eos_eot_inf) and not has_eos:
+        raise SamplerArgumentError("min_new_tokens, logits_eos_inf and confidence_eos_eot_inf need eos_id")
+    if confidence_eos_eot_inf and remasking != "low_confidence":
+        raise SamplerArgumentError("confidence_eos_eot_inf changes the model's confidence: it needs "
+                                   "remasking='low_confidence'")
     if not 0 <= min_new_tokens <= gen_length:
         raise SamplerArgumentError(f"min_new_tokens must be in [0, gen_length={gen_length}], got {min_new_tokens}")
 
@@ -246,9 +273,11 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     threshold: float | None = None,
     use_cache: bool = False,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    eot_id: int | None = None,
     min_new_tokens: int = 0,
-    defer_eos: bool = False,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
     generator: torch.Generator | None = None,
     compiled: bool = False,
     return_history: bool = False,
@@ -256,9 +285,11 @@ def generate(
     """Fill `gen_length` masked tokens after `prompt` (B, P) by LLaDA's reverse process; returns (B, P + gen_length).
 
     `mask_id` defaults to `model.config.mask_token_id`. `attention_mask` (B, P) marks real prompt
-    tokens of left-padded prompts. `min_new_tokens` forbids `eos_id` in the first that many
-    generated positions; `defer_eos` commits positions predicting `eos_id` only after every other
-    masked position of the block. `generator` drives the random draws (the global RNG when None).
+    tokens of left-padded prompts. `eos_id` (one id or several) and `eot_id` (end of turn, e.g.
+    `<|im_end|>`) are the end tokens: `min_new_tokens` forbids EOS in the first that many generated
+    positions; `logits_eos_inf` forbids it everywhere; `confidence_eos_eot_inf` commits positions
+    predicting EOS or end of turn only after every other masked position of the block (module docstring).
+    `generator` drives the random draws (the global RNG when None).
     `compiled`: the same algorithm through torch.compile and CUDA graphs (module docstring).
     With `return_history`, also returns `unmask_step` (B, gen_length): the step (counted over all
     blocks from 0) at which each generated position was committed; `unmask_step == t` are the
@@ -269,8 +300,9 @@ def generate(
         if mask_id is None:
             raise SamplerArgumentError("mask_id is required (the model's config has no mask_token_id)")
     check_prompt(prompt, attention_mask)
-    _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, eos_id, min_new_tokens,
-           defer_eos)
+    eos_ids, eot_ids = token_ids(eos_id, prompt.device), token_ids(eot_id, prompt.device)
+    _check(steps, gen_length, block_length, temperature, cfg_scale, remasking, threshold, len(eos_ids) > 0,
+           min_new_tokens, logits_eos_inf, confidence_eos_eot_inf)
     batch, prompt_len = prompt.shape
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
@@ -299,7 +331,9 @@ def generate(
                 random_confidence = torch.rand(x.shape, device=x.device, generator=generator)[:, block]
             x0, confidence = _propose(logits, temperature=temperature,
                                       random_confidence=random_confidence, generator=generator, mask_id=mask_id,
-                                      eos_id=eos_id, eos_banned=eos_banned, defer_eos=defer_eos, compiled=compiled)
+                                      eos_ids=eos_ids, eot_ids=eot_ids, eos_banned=eos_banned,
+                                      logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                                      compiled=compiled)
             masked = x[:, block] == mask_id
             confidence = confidence.masked_fill(~masked, float("-inf"))
             if threshold is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -199,12 +200,49 @@ class EvaluationSpec(Strict):
         return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled", "batch_size"}})
 
 
+class SFTDecodingSpec(Strict):
+    """How the SFT probes decode: `evaluation:`'s steps, gen_length and block_length where None (AR arms use
+    gen_length only), with the end-token options of LLaDA's generate for the diffusion sampler
+    (docs/sampling.md)."""
+
+    steps: PositiveInt | None = None
+    gen_length: PositiveInt | None = None
+    block_length: PositiveInt | None = None
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = True
+
+
+# The decode grid's end-token settings: the flags of LLaDA's generate each one sets.
+END_TOKEN_OPTIONS = {"none": {}, "logits_eos_inf": {"logits_eos_inf": True},
+                     "confidence_eos_eot_inf": {"confidence_eos_eot_inf": True},
+                     "both": {"logits_eos_inf": True, "confidence_eos_eot_inf": True}}
+
+
+class SFTDecodeGridSpec(Strict):
+    """Decoding settings swept on every SFT run's probes after training (eval/decode_grid.csv): each combination of
+    gen_length, block_length ("whole": gen_length) and end-token option, one token a step (steps = gen_length).
+    AR runs decode once per gen_length. Empty lists: no sweep."""
+
+    gen_length: list[PositiveInt] = Field(default_factory=list)
+    block_length: list[PositiveInt | Literal["whole"]] = Field(default_factory=lambda: ["whole"])
+    end_tokens: list[Literal[tuple(END_TOKEN_OPTIONS)]] = Field(default_factory=lambda: ["none"])
+
+
+# SFT keys a variant may set (plus TrainingArguments names); the diffusion-only ones do not multiply AR runs.
+VARIANT_KEYS = ("padding", "pad_tokens", "loss_norm", "lora", "r", "lora_alpha", "lora_dropout", "target_modules",
+                "seed", "decoding", "decode_grid")
+DIFFUSION_ONLY_KEYS = ("padding", "pad_tokens", "loss_norm")
+
+
 class SFTSpec(Strict):
     """The SFT stage: each arm's pretrained model fine-tuned on Alpaca rows for each epoch count.
 
     `base` maps an arm to a local pretrained model folder (e.g. LLaDA-8B, Qwen2.5-7B); arms it does
     not name start from their own pretraining run with the most unique tokens, then the most epochs, then
     the most non-embedding parameters (`from_run: most_unique`), or from every one (`from_run: all`).
+    `variants` lists alternatives to this section's training keys: each entry sets some of them (a list value
+    means each of its values; an entry's lists combine in every way), and every variant is one SFT run per arm,
+    base and epoch count.
     """
 
     source: str = "builtin:biographies"
@@ -215,12 +253,70 @@ class SFTSpec(Strict):
     load_preprocessed_data: bool = False
     validation_rows: int = Field(64, ge=1, description="built-in source: rows held out for SFT validation loss")
     loss_norm: Literal["sequence", "token"] = "sequence"
+    padding: str = Field("eos", description="what follows each answer's EOS up to the batch's longest row, for "
+                         "the diffusion arm (data/sft_padding.py): eos, pad, rainbow or masked_pad")
+    pad_tokens: int = Field(7, ge=1, description="rainbow padding: distinct pad tokens in the cycle")
+    seed: int | None = Field(None, ge=0, description="training seed (data order, adapter init, noise); None: the "
+                             "study's seed. The held-out rows are always drawn with the study's seed")
     lora: bool = False
     r: int = Field(32, ge=1)
     lora_alpha: PositiveFloat = 64
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    decoding: SFTDecodingSpec = SFTDecodingSpec()
+    decode_grid: SFTDecodeGridSpec = SFTDecodeGridSpec()
     arguments: dict[str, Any] = Field(default_factory=dict)
+    variants: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("padding")
+    @classmethod
+    def _padding(cls, v: str) -> str:
+        from dlmstudy.data.sft_padding import PADDINGS
+
+        if v not in PADDINGS:
+            raise ValueError(f"unknown padding {v!r}; known: {', '.join(PADDINGS)}")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[dict[str, Any]], info) -> list[dict[str, Any]]:
+        expand_variants(info.data, v)
+        return v
+
+    def expanded(self) -> list[tuple[dict[str, Any], "SFTSpec"]]:
+        """Every variant as (the keys it sets, the SFT section with them); [({}, self)] without variants."""
+        return expand_variants(self.model_dump(exclude={"variants"}), self.variants) if self.variants else [({}, self)]
+
+
+def expand_variants(section: dict[str, Any], variants: list[dict[str, Any]]) -> list[tuple[dict[str, Any], SFTSpec]]:
+    """The SFT section `section` once per variant: each entry's keys set over it, its list values combined."""
+    from dlmstudy.study import names, training_args
+
+    hf = training_args.names()
+    alias = {name: target for (section_name, name), (_, target) in names.ALIASES.items() if section_name == "sft"}
+    out = []
+    for i, entry in enumerate(variants):
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"entry {i} must be a non-empty mapping of SFT keys")
+        for key in entry:
+            if key not in VARIANT_KEYS and alias.get(key, key) not in hf:
+                raise ValueError(f"entry {i}: {key} is not a key a variant can set (SFT keys: "
+                                 f"{', '.join(VARIANT_KEYS)}, or a TrainingArguments name)")
+        lists = {k: v if isinstance(v, list) and not (k == "target_modules" and all(isinstance(x, str) for x in v))
+                 else [v] for k, v in entry.items()}
+        for values in itertools.product(*lists.values()):
+            keys = dict(zip(lists, values))
+            own = {k: v for k, v in keys.items() if k in VARIANT_KEYS}
+            arguments = {**section.get("arguments", {}),
+                         **{alias.get(k, k): v for k, v in keys.items() if k not in VARIANT_KEYS}}
+            try:
+                spec = SFTSpec.model_validate({**section, **own, "variants": [], "arguments": arguments})
+            except ValidationError as err:
+                first = err.errors()[0]
+                raise ValueError(f"entry {i}: {'.'.join(map(str, first['loc']))}: "
+                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+            out.append((keys, spec))
+    return out
 
 
 class ClusterSpec(Strict):

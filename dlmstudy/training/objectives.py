@@ -9,7 +9,9 @@ LLaDA masked diffusion (Nie et al. 2025):
 Autoregressive: next-token cross-entropy; in SFT the prompt's labels are ignored.
 
 A batch is {"input_ids": [B, L], "index": [B]} (pretraining) plus "loss_mask" [B, L] (SFT: the
-answer, including the padded EOS tokens, which LLaDA trains on); "index" may be a tensor or a list
+answer, including the padding, which LLaDA trains on) and optionally "always_masked" [B, L] (SFT
+positions masked in every draw, p = 1, so weighted 1: the `masked_pad` padding of data/sft_padding.py);
+"index" may be a tensor or a list
 (DLMTrainer keeps it on the host as a list). Each sequence's noise (t and the
 per-token uniforms) is counter-based: a hash of (seed, its index in the run's order, position). So a
 resumed run redraws the same masks, and batch size, gradient accumulation, device count and device
@@ -182,6 +184,11 @@ class MDMObjective:
         masked, p_mask = upload(masked, device), upload(p_mask.contiguous(), device)
         if loss_mask is not None:
             masked = masked & loss_mask.bool()
+        always = batch.get("always_masked")
+        if always is not None:
+            always = always.bool().to(device)
+            masked = masked | always
+            p_mask = p_mask.masked_fill(always, 1.0)
         noisy = mask_tokens(input_ids, masked, self.mask_id)
         return Corrupted(input_ids, noisy, masked, p_mask, loss_mask, None if rows is None else upload(rows, device),
                          cut)
