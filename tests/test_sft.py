@@ -104,10 +104,13 @@ def test_report_shows_both_arms_answers_side_by_side(finished):
     spec, root, _ = finished
     out = build_report(root / "runs" / "tiny-sft", root / "reports" / "tiny-sft")
     text = out.read_text()
-    assert "### Held-out questions after 1 SFT epoch" in text and "### SFT runs after their last epoch" in text
-    side = pd.read_csv(out.parent / "tables" / "sft_answers_e1.csv")
-    assert {"question", "expected"} <= set(side.columns) and len(side) == 5
-    assert any(c.startswith("llada") for c in side.columns) and "qwen" in side.columns
+    assert "### Held-out questions, both arms' answers" in text and "After 1 SFT epoch" in text
+    assert "### Why answers are empty or not: diagnostics per SFT run" in text
+    section = text[text.index("After 1 SFT epoch"):]
+    header = next(line for line in section.splitlines() if line.startswith("| question"))
+    assert "| expected |" in header and "| llada |" in header and "| qwen |" in header
+    answers = pd.read_csv(out.parent / "tables" / "sft_answers.csv")
+    assert set(answers["arm"]) == {"llada", "qwen"} and {"question", "expected", "answer"} <= set(answers.columns)
     frames = load_study(root / "runs" / "tiny-sft")
     assert len(frames.sft_runs) == 5 and len(frames.decode_grid) == 4 * 8 + 2
 
