@@ -196,8 +196,10 @@ class EvaluationSpec(Strict):
                                               "graphs; the same algorithm, faster on GPUs after a compile per shape)")
 
     def identity(self) -> dict:
-        """The settings that go into run ids: all but the speed-only switches (`compiled`, the grid's batch sizes)."""
-        return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled", "batch_size"}})
+        """The settings that go into run ids: all but the speed-only switches (`compiled`, the grid's batch sizes) and
+        the permission `lm_eval.allow_code`, which change no number."""
+        return self.model_dump(exclude={"compiled": True, "sampler_grid": {"compiled", "batch_size"},
+                                        "lm_eval": {"allow_code"}})
 
 
 class SFTDecodingSpec(Strict):
